@@ -1,0 +1,35 @@
+# Quick start: `make course` (runs the offline course) and `make test` (runs the test suite).
+# Both create .venv with the kit installed the first time they run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= notebooks,eval,dev
+PYTEST_ARGS ?=
+
+.PHONY: install course test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+course: install
+	$(BIN)/python -m colqwen3_lib.demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check colqwen3_lib tests benchmarks notebooks
+	$(BIN)/ruff format --check colqwen3_lib tests benchmarks notebooks
+
+bench: install
+	$(BIN)/python benchmarks/bench_scoring.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

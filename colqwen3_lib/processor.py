@@ -1,0 +1,176 @@
+"""ColQwen3Processor: pages and queries -> model inputs, plus MaxSim scoring helpers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+from transformers.models.qwen3_vl import Qwen3VLProcessor
+
+from .scoring import score_multi_vector
+from .tiny import resolve_model_path
+
+MIN_PAGE_SIDE = 32  # px: one merged 2x2 block of 16-px patches
+MAX_ASPECT_RATIO = 200  # Qwen's resize refuses anything more elongated
+N_QUERY_AUGMENTATION_TOKENS = 10
+
+ImageLike = Image.Image | str | os.PathLike
+
+
+def _load_page(item: ImageLike, index: int) -> Image.Image:
+    """Open/convert one page to RGB, or raise a ValueError naming it."""
+    if isinstance(item, str | os.PathLike):
+        try:
+            with Image.open(item) as opened:
+                item = opened.copy()
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"image {index} ({item}) could not be read as an image: {err}") from err
+    if not isinstance(item, Image.Image):
+        raise ValueError(f"image {index} is a {type(item).__name__}; pass PIL images or paths to image files")
+    width, height = item.size
+    if min(width, height) < MIN_PAGE_SIDE:
+        raise ValueError(
+            f"image {index} is {width}x{height} px; ColQwen3 needs at least {MIN_PAGE_SIDE}x{MIN_PAGE_SIDE} px "
+            "(upscale it or drop it)"
+        )
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"image {index} is {width}x{height} px, an aspect ratio over {MAX_ASPECT_RATIO}:1; "
+            "split it into pages or crop it"
+        )
+    if item.mode == "RGB":
+        return item
+    if item.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit greyscale: rescale to 8 bits first
+        item = item.point(lambda v: v / 256) if item.mode.startswith("I;16") else item
+        item = item.convert("L")
+    if item.mode in ("RGBA", "LA", "PA") or (item.mode == "P" and "transparency" in item.info):
+        # Composite transparent pages onto white, as a viewer shows them.
+        rgba = item.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return item.convert("RGB")
+
+
+class ColQwen3Processor(Qwen3VLProcessor):
+    """Turns document pages and queries into ColQwen3 inputs.
+
+    Load it like the Qwen3-VL processor; `max_num_visual_tokens` caps how many visual tokens a page
+    becomes (the page is resized so that it has at most that many 32x32-px blocks).
+    """
+
+    visual_prompt_prefix: ClassVar[str] = (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|><|endoftext|>"
+    )
+    query_prefix: ClassVar[str] = "Query: "
+    query_augmentation_token: ClassVar[str] = "<|endoftext|>"
+    image_token: ClassVar[str] = "<|image_pad|>"
+
+    def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs):
+        # Explicit sub-processor arguments: transformers reads them from this signature.
+        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
+        self.tokenizer.padding_side = "left"
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args, max_num_visual_tokens: int | None = None, **kwargs
+    ) -> ColQwen3Processor:
+        """Load the processor of a Qwen3-VL or ColQwen3 checkpoint (`tiny` for the offline one).
+
+        Args:
+            pretrained_model_name_or_path: Hub id, local directory or `tiny`.
+            max_num_visual_tokens: Cap on visual tokens per page (e.g. 768); None keeps the checkpoint's.
+            **kwargs: Passed to `Qwen3VLProcessor.from_pretrained`.
+        """
+        processor = super().from_pretrained(resolve_model_path(pretrained_model_name_or_path), *args, **kwargs)
+        if max_num_visual_tokens is not None:
+            processor.set_max_num_visual_tokens(max_num_visual_tokens)
+        return processor
+
+    @property
+    def block_size(self) -> int:
+        """Side in px of the image block that becomes one visual token (patch 16 x merge 2 = 32)."""
+        return self.image_processor.patch_size * self.image_processor.merge_size
+
+    @property
+    def max_num_visual_tokens(self) -> int:
+        return self.image_processor.size["longest_edge"] // self.block_size**2
+
+    def set_max_num_visual_tokens(self, n: int) -> None:
+        """Cap pages at `n` visual tokens: max_pixels = n * (patch_size * merge_size)^2."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_num_visual_tokens must be a positive integer, got {n!r}")
+        max_pixels = n * self.block_size**2
+        size = dict(self.image_processor.size)
+        size["longest_edge"] = max_pixels
+        size["shortest_edge"] = min(size["shortest_edge"], max_pixels)
+        self.image_processor.size = size
+        if getattr(self.image_processor, "max_pixels", None) is not None:  # transformers 4.x reads these too
+            self.image_processor.max_pixels = max_pixels
+            self.image_processor.min_pixels = size["shortest_edge"]
+
+    def process_images(self, images: Sequence[ImageLike]) -> BatchFeature:
+        """Pages (PIL images of any mode, or paths) -> a padded batch for `ColQwen3`.
+
+        `pixel_values` is padded per image to (batch, max_patches, patch_dim), so a batch splits
+        cleanly across processes; the model un-pads it using `image_grid_thw`.
+
+        Raises:
+            ValueError: empty list, unreadable file, page under 32 px or over 200:1.
+        """
+        if len(images) == 0:
+            raise ValueError("process_images got an empty list; pass at least one page")
+        pages = [_load_page(image, i) for i, image in enumerate(images)]
+        batch = self(
+            text=[self.visual_prompt_prefix] * len(pages), images=pages, padding="longest", return_tensors="pt"
+        )
+        n_patches = batch["image_grid_thw"].prod(dim=1)  # (batch,)
+        per_image = torch.split(batch["pixel_values"], n_patches.tolist())
+        batch["pixel_values"] = torch.nn.utils.rnn.pad_sequence(per_image, batch_first=True)  # (batch, max_patches, dim)
+        return batch
+
+    def process_texts(self, texts: Sequence[str]) -> BatchFeature:
+        """Tokenise texts as they are, left-padded to the longest."""
+        return self(text=list(texts), padding="longest", return_tensors="pt")
+
+    def process_queries(self, queries: Sequence[str]) -> BatchFeature:
+        """Queries -> model inputs: `Query: ` + text + 10 `<|endoftext|>` augmentation tokens.
+
+        Raises:
+            ValueError: empty list, or an item that is not a non-empty string.
+        """
+        if len(queries) == 0:
+            raise ValueError("process_queries got an empty list; pass at least one query")
+        for i, query in enumerate(queries):
+            if not isinstance(query, str):
+                raise ValueError(f"query {i} is a {type(query).__name__}, not a string; pass text queries")
+            if not query.strip():
+                raise ValueError(f"query {i} is empty; remove it or give it some text")
+        suffix = self.query_augmentation_token * N_QUERY_AUGMENTATION_TOKENS
+        return self.process_texts([self.query_prefix + query + suffix for query in queries])
+
+    def score(self, qs, ps, batch_size: int = 128, device: str | torch.device | None = None) -> torch.Tensor:
+        """MaxSim scores of query embeddings against page embeddings: (n_queries, n_pages), float32."""
+        return score_multi_vector(qs, ps, batch_size=batch_size, device=device)
+
+    def get_n_patches(self, image_size: tuple[int, int], spatial_merge_size: int) -> tuple[int, int]:
+        """Grid of visual tokens (n_x, n_y) that a page of PIL size (width, height) becomes."""
+        width, height = image_size
+        size = self.image_processor.size
+        height, width = smart_resize(
+            height,
+            width,
+            factor=self.block_size,
+            min_pixels=size["shortest_edge"],
+            max_pixels=size["longest_edge"],
+        )
+        patch = self.image_processor.patch_size
+        return width // patch // spatial_merge_size, height // patch // spatial_merge_size
+
+    def get_image_mask(self, batch: BatchFeature) -> torch.Tensor:
+        """Boolean (batch, seq_len) mask of the image tokens in a processed batch of pages."""
+        return batch["input_ids"] == self.image_token_id
