@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .tiny import cache_dir
 
 SYNTHETIC = "synthetic"
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 COLOURS = {
     "red": (214, 39, 40),
     "blue": (31, 90, 200),
@@ -100,7 +100,9 @@ def render_page(kind: str, colour: str, orientation: str, rng: random.Random) ->
             points = [
                 (left + i * (right - left) / (n - 1), top + rng.uniform(0.05, 0.95) * (bottom - top)) for i in range(n)
             ]
-            draw.line(points, fill=_shade(base, 0.35 * series), width=max(3, width // 120))
+            if series == 0:  # shade the area under the first series
+                draw.polygon([(left, bottom), *points, (right, bottom)], fill=_shade(base, 0.75))
+            draw.line(points, fill=_shade(base, 0.35 * series), width=max(4, width // 80))
             for x, y in points:
                 draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=base)
     elif kind == "pie chart":
@@ -122,9 +124,10 @@ def render_page(kind: str, colour: str, orientation: str, rng: random.Random) ->
             for c in range(cols):
                 draw.text((left + c * col_w + 4, top + r * row_h + 2), f"{rng.randint(1, 999)}", fill="black", font=small)
     elif kind == "report":
-        draw.rectangle([left, top, right, top + 6], fill=base)
-        draw.rectangle([left - margin // 2, top, left - margin // 2 + 4, bottom], fill=base)
-        _text_lines(draw, (left, top + 16, right, bottom), rng, rng.randint(14, 24), small)
+        band = height // 14
+        draw.rectangle([left, top, right, top + band], fill=base)
+        draw.rectangle([left - margin // 2, top, left - margin // 2 + max(4, width // 50), bottom], fill=base)
+        _text_lines(draw, (left, top + band + 10, right, bottom), rng, rng.randint(14, 24), small)
     elif kind == "invoice":
         draw.rectangle([0, 0, width, margin * 2], fill=base)
         draw.text((margin, margin // 2), "INVOICE", fill="white", font=font)

@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature
@@ -45,9 +46,10 @@ def _load_page(item: ImageLike, index: int) -> Image.Image:
         )
     if item.mode == "RGB":
         return item
-    if item.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit greyscale: rescale to 8 bits first
-        item = item.point(lambda v: v / 256) if item.mode.startswith("I;16") else item
-        item = item.convert("L")
+    if item.mode.startswith(("I", "F")):  # 16/32-bit greyscale: map the 16-bit range onto 8 bits
+        values = np.asarray(item, dtype=np.float32)
+        values = values / 257 if values.max() > 255 else values
+        item = Image.fromarray(values.clip(0, 255).astype(np.uint8))  # mode L
     if item.mode in ("RGBA", "LA", "PA") or (item.mode == "P" and "transparency" in item.info):
         # Composite transparent pages onto white, as a viewer shows them.
         rgba = item.convert("RGBA")
