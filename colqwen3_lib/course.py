@@ -1,0 +1,208 @@
+"""Run the course notebooks in order with papermill.
+
+    python -m colqwen3_lib.course                                  # tiny profile, offline, CPU
+    python -m colqwen3_lib.course --profile 2b --output-dir runs/2b
+    python -m colqwen3_lib.course -p MAX_STEPS 40 --only 03_lora_training 04_vidore_eval
+
+Writes, under the output directory: each executed notebook, its `metrics.json` (in a folder named
+after the notebook), an HTML rendering of each executed notebook plus `index.html`, and
+`summary.json` / `summary.md` with per-notebook status, time and metrics. The training notebook's
+adapter is passed on to the evaluation notebook. A failing notebook stops the run with its name,
+cell and error; what earlier notebooks produced stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+NOTEBOOKS = (
+    "00_setup_check",
+    "01_processor_and_visual_tokens",
+    "02_model_and_late_interaction",
+    "03_lora_training",
+    "04_vidore_eval",
+    "05_troubleshooting_oom",
+)
+# Shared parameters per profile; each notebook receives the ones its parameters cell declares.
+PROFILES: dict[str, dict[str, object]] = {
+    "tiny": {"BASE_MODEL_PATH": "tiny", "MODEL_SIZE": "tiny", "MAX_VISUAL_TOKENS": 64},
+    "2b": {
+        "BASE_MODEL_PATH": "Qwen/Qwen3-VL-2B-Instruct",
+        "MODEL_SIZE": "2b",
+        "MAX_VISUAL_TOKENS": 768,
+        "PER_DEVICE_TRAIN_BATCH_SIZE": 64,
+        "TRAIN_DATASET": "vidore/colpali_train_set",
+        "EVAL_DATASETS": "vidore-v1",
+        "MAX_STEPS": -1,
+    },
+    "4b": {
+        "BASE_MODEL_PATH": "Qwen/Qwen3-VL-4B-Instruct",
+        "MODEL_SIZE": "4b",
+        "MAX_VISUAL_TOKENS": 768,
+        "PER_DEVICE_TRAIN_BATCH_SIZE": 32,
+        "TRAIN_DATASET": "vidore/colpali_train_set",
+        "EVAL_DATASETS": "vidore-v1",
+        "MAX_STEPS": -1,
+    },
+    "8b": {
+        "BASE_MODEL_PATH": "Qwen/Qwen3-VL-8B-Instruct",
+        "MODEL_SIZE": "8b",
+        "MAX_VISUAL_TOKENS": 768,
+        "PER_DEVICE_TRAIN_BATCH_SIZE": 16,
+        "TRAIN_DATASET": "vidore/colpali_train_set",
+        "EVAL_DATASETS": "vidore-v1",
+        "MAX_STEPS": -1,
+    },
+}
+DEFAULT_NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+class NotebookFailed(RuntimeError):
+    """A course notebook raised; the message names the notebook, the cell and the error."""
+
+
+def _parse_value(text: str):
+    """`-p KEY VALUE`: Python literals (numbers, True, None, quoted strings) or plain strings."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def declared_parameters(notebook: Path) -> set[str]:
+    import papermill
+
+    return set(papermill.inspect_notebook(str(notebook)))
+
+
+def render_html(executed: Path, target: Path) -> None:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    target.write_text(body)
+
+
+def _write_summary(output_dir: Path, rows: list[dict]) -> None:
+    (output_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["| notebook | status | seconds | metrics |", "| --- | --- | --- | --- |"]
+    for row in rows:
+        metrics = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in row.get("metrics", {}).items()
+            if isinstance(v, int | float | str) and not isinstance(v, bool)
+        )
+        lines.append(f"| {row['notebook']} | {row['status']} | {row['seconds']:.1f} | {metrics} |")
+    (output_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    links = "\n".join(
+        f'<li><a href="html/{r["notebook"]}.html">{r["notebook"]}</a>: {r["status"]}, {r["seconds"]:.1f} s</li>'
+        for r in rows
+        if (output_dir / "html" / f"{r['notebook']}.html").exists()
+    )
+    (output_dir / "index.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>ColQwen3 course run</title></head>"
+        f"<body><h1>ColQwen3 course run</h1><ul>{links}</ul></body></html>\n"
+    )
+
+
+def run_course(
+    profile: str = "tiny",
+    output_dir: str | Path = "runs/tiny",
+    parameters: dict[str, object] | None = None,
+    only: list[str] | None = None,
+    notebooks_dir: str | Path = DEFAULT_NOTEBOOKS_DIR,
+    progress: bool = True,
+) -> list[dict]:
+    """Execute the course notebooks in order and collect their metrics.
+
+    Args:
+        profile: `tiny` (offline, CPU) or `2b`/`4b`/`8b` (real weights, GPU).
+        output_dir: Where executed notebooks, metrics, HTML and the summary go.
+        parameters: Extra parameters for every notebook that declares them (override the profile's).
+        only: Run just these notebooks (by name), still in course order.
+        notebooks_dir: Folder holding the `NN_slug.ipynb` notebooks.
+        progress: Show papermill's per-cell progress bars.
+
+    Returns:
+        One row per notebook: name, status, seconds, metrics.
+
+    Raises:
+        NotebookFailed: a notebook raised; earlier results are kept and the summary says which failed.
+        ValueError: unknown profile or notebook name.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    names = list(NOTEBOOKS) if not only else [n for n in NOTEBOOKS if n in only]
+    unknown = set(only or ()) - set(NOTEBOOKS)
+    if unknown:
+        raise ValueError(f"unknown notebooks {sorted(unknown)}; the course has {list(NOTEBOOKS)}")
+    output_dir = Path(output_dir).resolve()
+    (output_dir / "html").mkdir(parents=True, exist_ok=True)
+    notebooks_dir = Path(notebooks_dir)
+    shared = {**PROFILES[profile], **(parameters or {})}
+    rows: list[dict] = []
+    for position, name in enumerate(names, 1):
+        source = notebooks_dir / f"{name}.ipynb"
+        work_dir = output_dir / name
+        work_dir.mkdir(exist_ok=True)
+        declared = declared_parameters(source)
+        params = {k: v for k, v in {**shared, "OUTPUT_DIR": str(work_dir)}.items() if k in declared}
+        print(f"[{position}/{len(names)}] {name} ({', '.join(f'{k}={v}' for k, v in params.items())})", flush=True)
+        executed = output_dir / f"{name}.ipynb"
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(source), str(executed), parameters=params, cwd=str(notebooks_dir), progress_bar=progress
+            )
+            status, error = "ok", None
+        except PapermillExecutionError as err:
+            status = "failed"
+            error = f"{name} failed in cell {err.exec_count} (cell index {err.cell_index}): {err.ename}: {err.evalue}"
+        seconds = time.perf_counter() - start
+        metrics_file = work_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() and status == "ok" else {}
+        rows.append({"notebook": name, "status": status, "seconds": round(seconds, 2), "metrics": metrics})
+        if executed.exists():
+            render_html(executed, output_dir / "html" / f"{name}.html")
+        _write_summary(output_dir, rows)
+        print(f"    {status} in {seconds:.1f} s", flush=True)
+        if error:
+            raise NotebookFailed(error + f" (executed notebook: {executed})")
+        if "adapter_path" in metrics:
+            shared["ADAPTER_PATH"] = metrics["adapter_path"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="tiny", choices=sorted(PROFILES), help="model and settings (default tiny)")
+    parser.add_argument("--output-dir", default=None, help="where results go (default runs/PROFILE)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="override a notebook parameter, e.g. -p MAX_STEPS 40 (repeatable)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK", help="run only these notebooks")
+    parser.add_argument("--notebooks-dir", default=str(DEFAULT_NOTEBOOKS_DIR), help="folder with the notebooks")
+    parser.add_argument("--no-progress", action="store_true", help="hide per-cell progress bars")
+    args = parser.parse_args(argv)
+    output_dir = args.output_dir or f"runs/{args.profile}"
+    parameters = {key: _parse_value(value) for key, value in args.parameter}
+    start = time.perf_counter()
+    try:
+        rows = run_course(args.profile, output_dir, parameters, args.only, args.notebooks_dir, not args.no_progress)
+    except NotebookFailed as err:
+        print(f"\nCourse stopped: {err}", file=sys.stderr)
+        return 1
+    print(f"\nCourse finished in {time.perf_counter() - start:.0f} s; results in {output_dir}/summary.md:\n")
+    print((Path(output_dir) / "summary.md").read_text())
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Figures for the course: visual-token grids, score matrices, similarity maps, curves and bars.
+
+Every function draws on a matplotlib Axes (a new figure when none is given) and returns the Figure,
+with labelled axes, so the notebooks stay short and papermill runs still show the figures.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _axes(ax, figsize=(6, 4)):
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+        return fig, ax
+    return ax.figure, ax
+
+
+def visual_token_grid(processor, image_size: tuple[int, int], max_num_visual_tokens: int | None = None):
+    """(n_x, n_y, resized (width, height)) of the visual-token grid a page of PIL size gets under a cap."""
+    if max_num_visual_tokens is not None:
+        processor = copy.copy(processor)
+        processor.image_processor = copy.deepcopy(processor.image_processor)
+        processor.set_max_num_visual_tokens(max_num_visual_tokens)
+    n_x, n_y = processor.get_n_patches(image_size, spatial_merge_size=processor.image_processor.merge_size)
+    block = processor.block_size
+    return n_x, n_y, (n_x * block, n_y * block)
+
+
+def plot_token_grid(page: Image.Image, processor, max_num_visual_tokens: int | None = None, ax=None):
+    """The page as the model sees it (resized), with one cell per visual token."""
+    n_x, n_y, size = visual_token_grid(processor, page.size, max_num_visual_tokens)
+    fig, ax = _axes(ax, figsize=(5, 5 * size[1] / size[0]))
+    ax.imshow(page.convert("RGB").resize(size), extent=(0, size[0], size[1], 0))
+    block = processor.block_size
+    for x in range(0, size[0] + 1, block):
+        ax.axvline(x, color="black", lw=0.4, alpha=0.5)
+    for y in range(0, size[1] + 1, block):
+        ax.axhline(y, color="black", lw=0.4, alpha=0.5)
+    cap = processor.max_num_visual_tokens if max_num_visual_tokens is None else max_num_visual_tokens
+    ax.set_title(f"{page.size[0]}x{page.size[1]} px page -> {size[0]}x{size[1]} px\n"
+                 f"{n_x} x {n_y} = {n_x * n_y} visual tokens (cap {cap})")
+    ax.set_xlabel("x (px, resized)")
+    ax.set_ylabel("y (px, resized)")
+    return fig
+
+
+def plot_tokens_vs_cap(processor, page_sizes: Sequence[tuple[int, int]], caps: Sequence[int], ax=None):
+    """Visual tokens per page as the cap grows, one line per page size."""
+    fig, ax = _axes(ax)
+    for size in page_sizes:
+        counts = [np.prod(visual_token_grid(processor, size, cap)[:2]) for cap in caps]
+        ax.plot(caps, counts, marker="o", label=f"{size[0]}x{size[1]} px")
+    ax.plot(caps, caps, color="gray", ls="--", lw=1, label="cap")
+    ax.set_xlabel("max_num_visual_tokens (cap)")
+    ax.set_ylabel("visual tokens per page")
+    ax.set_title("Visual tokens vs cap")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_score_matrix(scores: torch.Tensor, query_labels: Sequence[str], page_labels: Sequence[str], ax=None):
+    """Heatmap of MaxSim scores (queries x pages), best page per query marked."""
+    scores = torch.as_tensor(scores).float()
+    fig, ax = _axes(ax, figsize=(1.2 + 0.45 * len(page_labels), 1.2 + 0.45 * len(query_labels)))
+    image = ax.imshow(scores.numpy(), cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="MaxSim score")
+    for row, col in enumerate(scores.argmax(dim=1).tolist()):
+        ax.scatter(col, row, marker="*", color="white", s=60)
+    ax.set_xticks(range(len(page_labels)), page_labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(query_labels)), query_labels, fontsize=7)
+    ax.set_xlabel("page")
+    ax.set_ylabel("query")
+    ax.set_title("Query x page scores (* = best page)")
+    return fig
+
+
+def similarity_maps(query_emb: torch.Tensor, page_emb: torch.Tensor, image_mask: torch.Tensor, n_x: int, n_y: int):
+    """Per query token, its similarity to each visual token laid out on the page grid.
+
+    Args:
+        query_emb: (n_query_tokens, dim) embeddings of one query.
+        page_emb: (seq_len, dim) embeddings of one processed page (padding included or not).
+        image_mask: (seq_len,) True at the page's image tokens.
+        n_x, n_y: The visual-token grid (`processor.get_n_patches`).
+
+    Returns:
+        (n_query_tokens, n_y, n_x) similarities.
+    """
+    image_tokens = page_emb[image_mask.bool()].float()  # (n_y * n_x, dim), row-major over the grid
+    if image_tokens.shape[0] != n_x * n_y:
+        raise ValueError(f"page has {image_tokens.shape[0]} image tokens, grid {n_x}x{n_y} needs {n_x * n_y}")
+    sims = query_emb.float() @ image_tokens.T  # (n_query_tokens, n_y * n_x)
+    return sims.view(-1, n_y, n_x)
+
+
+def plot_similarity_map(page: Image.Image, sim_map: torch.Tensor, title: str = "", ax=None):
+    """Overlay one query token's (n_y, n_x) similarity map on the page."""
+    n_y, n_x = sim_map.shape
+    fig, ax = _axes(ax, figsize=(4, 4 * page.height / page.width))
+    ax.imshow(page.convert("RGB"), extent=(0, page.width, page.height, 0))
+    overlay = ax.imshow(sim_map.numpy(), cmap="magma", alpha=0.55, extent=(0, page.width, page.height, 0),
+                        interpolation="nearest")
+    fig.colorbar(overlay, ax=ax, label="similarity", fraction=0.046)
+    ax.set_title(title or f"{n_x} x {n_y} visual tokens")
+    ax.set_xlabel("x (px)")
+    ax.set_ylabel("y (px)")
+    return fig
+
+
+def plot_loss(steps: Sequence[int], losses: Sequence[float], eval_steps=(), eval_losses=(), ax=None):
+    """Training (and evaluation) loss per optimisation step."""
+    fig, ax = _axes(ax)
+    ax.plot(steps, losses, lw=1, label="train loss")
+    if len(eval_steps):
+        ax.plot(eval_steps, eval_losses, marker="o", label="eval loss")
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training loss")
+    ax.legend()
+    return fig
+
+
+def plot_metric_bars(results: dict[str, dict[str, dict[str, float]]], metric: str = "ndcg_at_5", ax=None):
+    """Grouped bars: `results[run][task][metric]` for each task, one bar per run (e.g. before/after)."""
+    runs = list(results)
+    tasks = sorted({task for run in runs for task in results[run]})
+    fig, ax = _axes(ax, figsize=(max(5, 1.6 * len(tasks)), 4))
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        values = [results[run].get(task, {}).get(metric, np.nan) for task in tasks]
+        bars = ax.bar(np.arange(len(tasks)) + i * width, values, width, label=run)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(runs) - 1) / 2, tasks, rotation=15, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("task")
+    ax.set_ylabel(metric.replace("_at_", "@").upper())
+    ax.set_title(f"{metric.replace('_at_', '@').upper()} per task")
+    ax.legend()
+    return fig
+
+
+def show_retrieved(query: str, pages: Sequence[Image.Image], scores: Sequence[float], relevant: Sequence[bool]):
+    """The top pages for one query, with their scores; relevant pages framed in green."""
+    fig, axes = plt.subplots(1, len(pages), figsize=(2.6 * len(pages), 3.4))
+    for rank, (ax, page, score, hit) in enumerate(zip(np.atleast_1d(axes), pages, scores, relevant), 1):
+        ax.imshow(page.convert("RGB"))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_edgecolor("green" if hit else "lightgray")
+            spine.set_linewidth(4 if hit else 1)
+        ax.set_xlabel(f"#{rank}  score {score:.2f}" + ("  (relevant)" if hit else ""), fontsize=8)
+    fig.suptitle(f"Top {len(pages)} for: {query}", fontsize=10)
+    return fig
