@@ -1,0 +1,96 @@
+"""The papermill course runner, on small stand-in notebooks (the real ones run in test_course_run.py)."""
+
+import json
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from colqwen3_lib.course import NotebookFailed, _parse_value, main, run_course
+
+
+def _notebook(path, params: str, body: str):
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    cell = new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [new_code_cell("import json, pathlib"), cell, new_code_cell(body)]
+    nbformat.write(nb, path)
+
+
+WRITE_METRICS = "pathlib.Path(OUTPUT_DIR, 'metrics.json').write_text(json.dumps({metrics}))"
+
+
+@pytest.fixture
+def stand_ins(tmp_path):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _notebook(
+        folder / "00_setup_check.ipynb",
+        'OUTPUT_DIR: str = "."  # where metrics go\nMAX_STEPS: int = 5  # steps',
+        WRITE_METRICS.format(metrics="{'max_steps': MAX_STEPS}"),
+    )
+    _notebook(
+        folder / "03_lora_training.ipynb",
+        'OUTPUT_DIR: str = "."  # where metrics go',
+        WRITE_METRICS.format(metrics="{'adapter_path': str(pathlib.Path(OUTPUT_DIR, 'adapter'))}"),
+    )
+    _notebook(
+        folder / "04_vidore_eval.ipynb",
+        'OUTPUT_DIR: str = "."  # where metrics go\nADAPTER_PATH: str = ""  # adapter',
+        WRITE_METRICS.format(metrics="{'adapter_seen': ADAPTER_PATH}"),
+    )
+    _notebook(
+        folder / "05_troubleshooting_oom.ipynb",
+        'OUTPUT_DIR: str = "."  # where metrics go',
+        "raise ValueError('simulated failure')",
+    )
+    return folder
+
+
+def test_runs_in_order_passes_parameters_and_the_adapter(stand_ins, tmp_path):
+    out = tmp_path / "run"
+    rows = run_course(
+        "tiny", out, {"MAX_STEPS": 7}, only=["00_setup_check", "03_lora_training", "04_vidore_eval"],
+        notebooks_dir=stand_ins, progress=False,
+    )
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
+    assert rows[0]["metrics"] == {"max_steps": 7}
+    assert rows[2]["metrics"]["adapter_seen"] == str(out / "03_lora_training" / "adapter")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["notebook"] for r in summary] == ["00_setup_check", "03_lora_training", "04_vidore_eval"]
+    assert all(r["seconds"] > 0 for r in summary)
+    for name in ("00_setup_check", "03_lora_training", "04_vidore_eval"):
+        assert (out / f"{name}.ipynb").exists() and (out / "html" / f"{name}.html").exists()
+    assert "04_vidore_eval.html" in (out / "index.html").read_text()
+    assert "| 00_setup_check | ok |" in (out / "summary.md").read_text()
+
+
+def test_a_failing_notebook_stops_the_run_and_keeps_earlier_results(stand_ins, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(NotebookFailed, match=r"05_troubleshooting_oom failed in cell .*ValueError: simulated failure"):
+        run_course("tiny", out, only=["00_setup_check", "05_troubleshooting_oom"], notebooks_dir=stand_ins,
+                   progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["notebook"], r["status"]) for r in summary] == [("00_setup_check", "ok"), ("05_troubleshooting_oom", "failed")]
+    assert json.loads((out / "00_setup_check" / "metrics.json").read_text()) == {"max_steps": 5}
+    assert (out / "html" / "05_troubleshooting_oom.html").exists()  # the error is visible in the rendering
+
+
+def test_cli_reports_failure_with_a_non_zero_exit(stand_ins, tmp_path, capsys):
+    code = main(["--output-dir", str(tmp_path / "run"), "--notebooks-dir", str(stand_ins), "--no-progress",
+                 "--only", "05_troubleshooting_oom"])
+    assert code == 1
+    assert "Course stopped: 05_troubleshooting_oom failed" in capsys.readouterr().err
+
+
+def test_unknown_profile_or_notebook_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown profile"):
+        run_course("13b", tmp_path)
+    with pytest.raises(ValueError, match="unknown notebooks"):
+        run_course("tiny", tmp_path, only=["07_extra"])
+
+
+@pytest.mark.parametrize("text, value", [("40", 40), ("2e-4", 2e-4), ("True", True), ("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-2B-Instruct"), ("'tiny'", "tiny")])
+def test_parameter_values_parse_as_python_literals_or_strings(text, value):
+    assert _parse_value(text) == value
