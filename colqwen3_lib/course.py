@@ -155,7 +155,10 @@ def run_course(
         work_dir.mkdir(exist_ok=True)
         declared = declared_parameters(source)
         params = {k: v for k, v in {**shared, "OUTPUT_DIR": str(work_dir)}.items() if k in declared}
-        print(f"[{position}/{len(names)}] {name} ({', '.join(f'{k}={v}' for k, v in params.items())})", flush=True)
+        print(
+            f"[{position}/{len(names)}] {name} ({', '.join(f'{k}={v}' for k, v in params.items())})",
+            flush=True,
+        )
         executed = output_dir / f"{name}.ipynb"
         start = time.perf_counter()
         try:
@@ -182,20 +185,37 @@ def run_course(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="tiny", choices=sorted(PROFILES), help="model and settings (default tiny)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--profile", default="tiny", choices=sorted(PROFILES), help="model and settings (default tiny)"
+    )
     parser.add_argument("--output-dir", default=None, help="where results go (default runs/PROFILE)")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                        help="override a notebook parameter, e.g. -p MAX_STEPS 40 (repeatable)")
-    parser.add_argument("--only", nargs="+", default=None, metavar="NOTEBOOK", help="run only these notebooks")
-    parser.add_argument("--notebooks-dir", default=str(DEFAULT_NOTEBOOKS_DIR), help="folder with the notebooks")
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="override a notebook parameter, e.g. -p MAX_STEPS 40 (repeatable)",
+    )
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="NOTEBOOK", help="run only these notebooks"
+    )
+    parser.add_argument(
+        "--notebooks-dir", default=str(DEFAULT_NOTEBOOKS_DIR), help="folder with the notebooks"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide per-cell progress bars")
     args = parser.parse_args(argv)
     output_dir = args.output_dir or f"runs/{args.profile}"
     parameters = {key: _parse_value(value) for key, value in args.parameter}
     start = time.perf_counter()
     try:
-        rows = run_course(args.profile, output_dir, parameters, args.only, args.notebooks_dir, not args.no_progress)
+        rows = run_course(
+            args.profile, output_dir, parameters, args.only, args.notebooks_dir, not args.no_progress
+        )
     except NotebookFailed as err:
         print(f"\nCourse stopped: {err}", file=sys.stderr)
         return 1

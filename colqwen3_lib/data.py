@@ -37,7 +37,14 @@ ORIENTATIONS = ("portrait", "landscape")
 SYNTHETIC_TASKS = {"synthetic_charts_test": CHART_KINDS, "synthetic_documents_test": DOCUMENT_KINDS}
 TRAIN_SET_NAME = "colpali_train_set"
 
-_TITLES = ("Quarterly revenue", "Annual summary", "Sales by region", "Budget costs", "Figure values", "Report title")
+_TITLES = (
+    "Quarterly revenue",
+    "Annual summary",
+    "Sales by region",
+    "Budget costs",
+    "Figure values",
+    "Report title",
+)
 _QUERY_TEMPLATES = (
     "Which page shows a {colour} {kind}?",
     "Find the {colour} {kind} in {orientation} layout",
@@ -89,7 +96,9 @@ def render_page(kind: str, colour: str, orientation: str, rng: random.Random) ->
         for i in range(n):
             h = rng.uniform(0.2, 0.95) * (bottom - top)
             x = left + i * slot + slot // 5
-            draw.rectangle([x, bottom - h, x + slot * 3 // 5, bottom], fill=_shade(base, rng.uniform(-0.2, 0.3)))
+            draw.rectangle(
+                [x, bottom - h, x + slot * 3 // 5, bottom], fill=_shade(base, rng.uniform(-0.2, 0.3))
+            )
     elif kind == "line chart":
         for i in range(5):
             y = top + i * (bottom - top) // 4
@@ -98,7 +107,8 @@ def render_page(kind: str, colour: str, orientation: str, rng: random.Random) ->
         for series in range(rng.randint(1, 2)):
             n = rng.randint(6, 12)
             points = [
-                (left + i * (right - left) / (n - 1), top + rng.uniform(0.05, 0.95) * (bottom - top)) for i in range(n)
+                (left + i * (right - left) / (n - 1), top + rng.uniform(0.05, 0.95) * (bottom - top))
+                for i in range(n)
             ]
             if series == 0:  # shade the area under the first series
                 draw.polygon([(left, bottom), *points, (right, bottom)], fill=_shade(base, 0.75))
@@ -122,7 +132,12 @@ def render_page(kind: str, colour: str, orientation: str, rng: random.Random) ->
             draw.line([(left + c * col_w, top), (left + c * col_w, bottom)], fill=(150, 150, 150), width=1)
         for r in range(1, rows):
             for c in range(cols):
-                draw.text((left + c * col_w + 4, top + r * row_h + 2), f"{rng.randint(1, 999)}", fill="black", font=small)
+                draw.text(
+                    (left + c * col_w + 4, top + r * row_h + 2),
+                    f"{rng.randint(1, 999)}",
+                    fill="black",
+                    font=small,
+                )
     elif kind == "report":
         band = height // 14
         draw.rectangle([left, top, right, top + band], fill=base)
@@ -132,7 +147,9 @@ def render_page(kind: str, colour: str, orientation: str, rng: random.Random) ->
         draw.rectangle([0, 0, width, margin * 2], fill=base)
         draw.text((margin, margin // 2), "INVOICE", fill="white", font=font)
         _text_lines(draw, (left, top + margin, right, bottom - margin * 2), rng, rng.randint(6, 10), small)
-        draw.rectangle([right - (right - left) // 2, bottom - margin * 2, right, bottom], outline=base, width=4)
+        draw.rectangle(
+            [right - (right - left) // 2, bottom - margin * 2, right, bottom], outline=base, width=4
+        )
         draw.text((right - (right - left) // 2 + 8, bottom - margin * 2 + 8), "Total", fill=base, font=font)
     else:
         raise ValueError(f"unknown page kind {kind!r}; choose one of {KINDS}")
@@ -157,11 +174,14 @@ def _rows(combos, rng, source: str, with_query) -> dict[str, list]:
 
 
 def _train_split(n: int, rng: random.Random):
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     combos = [(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(ORIENTATIONS)) for _ in range(n)]
     rows = _rows(combos, rng, "synthetic", lambda i: True)
-    rows.update(options=[None] * n, model=["template"] * n, prompt=["template"] * n, answer_type=["attributes"] * n)
+    rows.update(
+        options=[None] * n, model=["template"] * n, prompt=["template"] * n, answer_type=["attributes"] * n
+    )
     features = Features(
         {name: ImageFeature() if name == "image" else Value("string") for name in rows},
     )
@@ -170,7 +190,8 @@ def _train_split(n: int, rng: random.Random):
 
 def _test_task(kinds, n: int, rng: random.Random, distractor_share: float):
     """A ViDoRe-v1 QA test set: unique (kind, colour, orientation) pages; some have no query (distractors)."""
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     combos = [(k, c, o) for k in kinds for c in COLOURS for o in ORIENTATIONS]
     if n > len(combos):
@@ -184,7 +205,11 @@ def _test_task(kinds, n: int, rng: random.Random, distractor_share: float):
 
 
 def make_synthetic_docs(
-    path: str | os.PathLike, n_train: int = 256, n_test: int = 32, seed: int = 0, distractor_share: float = 0.25
+    path: str | os.PathLike,
+    n_train: int = 256,
+    n_test: int = 32,
+    seed: int = 0,
+    distractor_share: float = 0.25,
 ) -> dict[str, Path]:
     """Render synthetic document pages and write them as Hugging Face datasets on disk.
 

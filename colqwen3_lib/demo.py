@@ -1,7 +1,7 @@
 """End-to-end demo: checkpoint -> embed pages and queries -> MaxSim -> top-5 per query.
 
-    python -m colqwen3_lib.demo                       # offline: tiny checkpoint, synthetic pages
-    python -m colqwen3_lib.demo --model-path Qwen/Qwen3-VL-2B-Instruct --dataset vidore/docvqa_test_subsampled
+python -m colqwen3_lib.demo                       # offline: tiny checkpoint, synthetic pages
+python -m colqwen3_lib.demo --model-path Qwen/Qwen3-VL-2B-Instruct --dataset vidore/docvqa_test_subsampled
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def run(model_path: str, dataset: str, n_queries: int, max_visual_tokens: int, b
         )
     print(f"{len(page_embs)} pages and {len(queries)} queries embedded and scored in {elapsed:.2f} s")
     if any(k.startswith("custom_text_proj") for k in model.loading_info["missing_keys"]):
-        print("(the projection head is untrained, so rankings are near chance: train it with colqwen3_lib.train)")
+        print(
+            "(the projection head is untrained, so rankings are near chance: train it with colqwen3_lib.train)"
+        )
     print()
     for r in results:
         print(f"Q: {r['query']}")
@@ -68,11 +70,17 @@ def run(model_path: str, dataset: str, n_queries: int, max_visual_tokens: int, b
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-path", default="tiny", help="hub id, local checkpoint or `tiny` (default)")
-    parser.add_argument("--dataset", default="synthetic_charts_test", help="ViDoRe-format test set (hub id or path)")
+    parser.add_argument(
+        "--dataset", default="synthetic_charts_test", help="ViDoRe-format test set (hub id or path)"
+    )
     parser.add_argument("--n-queries", type=int, default=3, help="queries to show (default 3)")
-    parser.add_argument("--max-visual-tokens", type=int, default=64, help="visual tokens per page (default 64)")
+    parser.add_argument(
+        "--max-visual-tokens", type=int, default=64, help="visual tokens per page (default 64)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="pages per forward pass (default 16)")
     args = parser.parse_args(argv)
     run(args.model_path, args.dataset, args.n_queries, args.max_visual_tokens, args.batch_size)

@@ -137,7 +137,9 @@ class ColQwen3(Qwen3VLModel):
             kwargs["dtype"] = kwargs.pop("torch_dtype")
         config = kwargs.pop("config", None)
         if config is None:
-            config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+            config_kwargs = {
+                k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs
+            }
             config = AutoConfig.from_pretrained(path, **config_kwargs)
         if dim is None:
             dim = getattr(config, "embedding_dim", None) or (os.path.isdir(path) and _dim_in_checkpoint(path))

@@ -44,8 +44,10 @@ def plot_token_grid(page: Image.Image, processor, max_num_visual_tokens: int | N
     for y in range(0, size[1] + 1, block):
         ax.axhline(y, color="black", lw=0.4, alpha=0.5)
     cap = processor.max_num_visual_tokens if max_num_visual_tokens is None else max_num_visual_tokens
-    ax.set_title(f"{page.size[0]}x{page.size[1]} px page -> {size[0]}x{size[1]} px\n"
-                 f"{n_x} x {n_y} = {n_x * n_y} visual tokens (cap {cap})")
+    ax.set_title(
+        f"{page.size[0]}x{page.size[1]} px page -> {size[0]}x{size[1]} px\n"
+        f"{n_x} x {n_y} = {n_x * n_y} visual tokens (cap {cap})"
+    )
     ax.set_xlabel("x (px, resized)")
     ax.set_ylabel("y (px, resized)")
     return fig
@@ -81,7 +83,9 @@ def plot_score_matrix(scores: torch.Tensor, query_labels: Sequence[str], page_la
     return fig
 
 
-def similarity_maps(query_emb: torch.Tensor, page_emb: torch.Tensor, image_mask: torch.Tensor, n_x: int, n_y: int):
+def similarity_maps(
+    query_emb: torch.Tensor, page_emb: torch.Tensor, image_mask: torch.Tensor, n_x: int, n_y: int
+):
     """Per query token, its similarity to each visual token laid out on the page grid.
 
     Args:
@@ -105,8 +109,13 @@ def plot_similarity_map(page: Image.Image, sim_map: torch.Tensor, title: str = "
     n_y, n_x = sim_map.shape
     fig, ax = _axes(ax, figsize=(4, 4 * page.height / page.width))
     ax.imshow(page.convert("RGB"), extent=(0, page.width, page.height, 0))
-    overlay = ax.imshow(sim_map.numpy(), cmap="magma", alpha=0.55, extent=(0, page.width, page.height, 0),
-                        interpolation="nearest")
+    overlay = ax.imshow(
+        sim_map.numpy(),
+        cmap="magma",
+        alpha=0.55,
+        extent=(0, page.width, page.height, 0),
+        interpolation="nearest",
+    )
     fig.colorbar(overlay, ax=ax, label="similarity", fraction=0.046)
     ax.set_title(title or f"{n_x} x {n_y} visual tokens")
     ax.set_xlabel("x (px)")
@@ -146,7 +155,9 @@ def plot_metric_bars(results: dict[str, dict[str, dict[str, float]]], metric: st
     return fig
 
 
-def show_retrieved(query: str, pages: Sequence[Image.Image], scores: Sequence[float], relevant: Sequence[bool]):
+def show_retrieved(
+    query: str, pages: Sequence[Image.Image], scores: Sequence[float], relevant: Sequence[bool]
+):
     """The top pages for one query, with their scores; relevant pages framed in green."""
     fig, axes = plt.subplots(1, len(pages), figsize=(2.6 * len(pages), 3.4))
     for rank, (ax, page, score, hit) in enumerate(zip(np.atleast_1d(axes), pages, scores, relevant), 1):

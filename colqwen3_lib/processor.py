@@ -72,7 +72,9 @@ class ColQwen3Processor(Qwen3VLProcessor):
     query_augmentation_token: ClassVar[str] = "<|endoftext|>"
     image_token: ClassVar[str] = "<|image_pad|>"
 
-    def __init__(self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs):
+    def __init__(
+        self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs
+    ):
         # Explicit sub-processor arguments: transformers reads them from this signature.
         super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
         self.tokenizer.padding_side = "left"
@@ -88,7 +90,9 @@ class ColQwen3Processor(Qwen3VLProcessor):
             max_num_visual_tokens: Cap on visual tokens per page (e.g. 768); None keeps the checkpoint's.
             **kwargs: Passed to `Qwen3VLProcessor.from_pretrained`.
         """
-        processor = super().from_pretrained(resolve_model_path(pretrained_model_name_or_path), *args, **kwargs)
+        processor = super().from_pretrained(
+            resolve_model_path(pretrained_model_name_or_path), *args, **kwargs
+        )
         if max_num_visual_tokens is not None:
             processor.set_max_num_visual_tokens(max_num_visual_tokens)
         return processor
@@ -128,11 +132,16 @@ class ColQwen3Processor(Qwen3VLProcessor):
             raise ValueError("process_images got an empty list; pass at least one page")
         pages = [_load_page(image, i) for i, image in enumerate(images)]
         batch = self(
-            text=[self.visual_prompt_prefix] * len(pages), images=pages, padding="longest", return_tensors="pt"
+            text=[self.visual_prompt_prefix] * len(pages),
+            images=pages,
+            padding="longest",
+            return_tensors="pt",
         )
         n_patches = batch["image_grid_thw"].prod(dim=1)  # (batch,)
         per_image = torch.split(batch["pixel_values"], n_patches.tolist())
-        batch["pixel_values"] = torch.nn.utils.rnn.pad_sequence(per_image, batch_first=True)  # (batch, max_patches, dim)
+        batch["pixel_values"] = torch.nn.utils.rnn.pad_sequence(
+            per_image, batch_first=True
+        )  # (batch, max_patches, dim)
         return batch
 
     def process_texts(self, texts: Sequence[str]) -> BatchFeature:

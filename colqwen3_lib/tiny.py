@@ -149,7 +149,9 @@ def real_config(size: str):
     return Qwen3VLConfig(**copy.deepcopy(real_config_dict(size)))
 
 
-def random_model(size: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", dim: int = 128):
+def random_model(
+    size: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", dim: int = 128
+):
     """A ColQwen3 with the real `size` architecture and random weights, for memory/speed measurements."""
     from .model import ColQwen3
 
@@ -250,7 +252,9 @@ def _write_tiny(path: Path, seed: int) -> None:
     config_dict["dtype"] = "float32"
     (path / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
     (path / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2)
+        json.dumps(
+            {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643}, indent=2
+        )
     )
     (path / "preprocessor_config.json").write_text(json.dumps(_IMAGE_PROCESSOR, indent=2) + "\n")
     (path / "video_preprocessor_config.json").write_text(json.dumps(_VIDEO_PROCESSOR, indent=2) + "\n")

@@ -51,8 +51,12 @@ def stand_ins(tmp_path):
 def test_runs_in_order_passes_parameters_and_the_adapter(stand_ins, tmp_path):
     out = tmp_path / "run"
     rows = run_course(
-        "tiny", out, {"MAX_STEPS": 7}, only=["00_setup_check", "03_lora_training", "04_vidore_eval"],
-        notebooks_dir=stand_ins, progress=False,
+        "tiny",
+        out,
+        {"MAX_STEPS": 7},
+        only=["00_setup_check", "03_lora_training", "04_vidore_eval"],
+        notebooks_dir=stand_ins,
+        progress=False,
     )
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
     assert rows[0]["metrics"] == {"max_steps": 7}
@@ -68,18 +72,37 @@ def test_runs_in_order_passes_parameters_and_the_adapter(stand_ins, tmp_path):
 
 def test_a_failing_notebook_stops_the_run_and_keeps_earlier_results(stand_ins, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(NotebookFailed, match=r"05_troubleshooting_oom failed in cell .*ValueError: simulated failure"):
-        run_course("tiny", out, only=["00_setup_check", "05_troubleshooting_oom"], notebooks_dir=stand_ins,
-                   progress=False)
+    with pytest.raises(
+        NotebookFailed, match=r"05_troubleshooting_oom failed in cell .*ValueError: simulated failure"
+    ):
+        run_course(
+            "tiny",
+            out,
+            only=["00_setup_check", "05_troubleshooting_oom"],
+            notebooks_dir=stand_ins,
+            progress=False,
+        )
     summary = json.loads((out / "summary.json").read_text())
-    assert [(r["notebook"], r["status"]) for r in summary] == [("00_setup_check", "ok"), ("05_troubleshooting_oom", "failed")]
+    assert [(r["notebook"], r["status"]) for r in summary] == [
+        ("00_setup_check", "ok"),
+        ("05_troubleshooting_oom", "failed"),
+    ]
     assert json.loads((out / "00_setup_check" / "metrics.json").read_text()) == {"max_steps": 5}
     assert (out / "html" / "05_troubleshooting_oom.html").exists()  # the error is visible in the rendering
 
 
 def test_cli_reports_failure_with_a_non_zero_exit(stand_ins, tmp_path, capsys):
-    code = main(["--output-dir", str(tmp_path / "run"), "--notebooks-dir", str(stand_ins), "--no-progress",
-                 "--only", "05_troubleshooting_oom"])
+    code = main(
+        [
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--notebooks-dir",
+            str(stand_ins),
+            "--no-progress",
+            "--only",
+            "05_troubleshooting_oom",
+        ]
+    )
     assert code == 1
     assert "Course stopped: 05_troubleshooting_oom failed" in capsys.readouterr().err
 
@@ -91,6 +114,15 @@ def test_unknown_profile_or_notebook_is_a_clear_error(tmp_path):
         run_course("tiny", tmp_path, only=["07_extra"])
 
 
-@pytest.mark.parametrize("text, value", [("40", 40), ("2e-4", 2e-4), ("True", True), ("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-2B-Instruct"), ("'tiny'", "tiny")])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("40", 40),
+        ("2e-4", 2e-4),
+        ("True", True),
+        ("Qwen/Qwen3-VL-2B-Instruct", "Qwen/Qwen3-VL-2B-Instruct"),
+        ("'tiny'", "tiny"),
+    ],
+)
 def test_parameter_values_parse_as_python_literals_or_strings(text, value):
     assert _parse_value(text) == value

@@ -3,7 +3,18 @@ import pytest
 
 from colqwen3_lib.data import COLOURS, KINDS, SYNTHETIC_TASKS, load_split, make_synthetic_docs
 
-TRAIN_COLUMNS = {"query", "image", "image_filename", "answer", "source", "options", "page", "model", "prompt", "answer_type"}
+TRAIN_COLUMNS = {
+    "query",
+    "image",
+    "image_filename",
+    "answer",
+    "source",
+    "options",
+    "page",
+    "model",
+    "prompt",
+    "answer_type",
+}
 QA_COLUMNS = {"query", "image", "image_filename", "answer", "source", "page"}
 
 
@@ -12,7 +23,10 @@ def test_train_set_has_the_colpali_train_set_schema(synthetic):
         rows = load_split(synthetic["colpali_train_set"], split)
         assert set(rows.column_names) == TRAIN_COLUMNS
         assert all(isinstance(q, str) and q for q in rows["query"])
-    assert load_split("synthetic", "train").num_rows == load_split(synthetic["colpali_train_set"], "train").num_rows
+    assert (
+        load_split("synthetic", "train").num_rows
+        == load_split(synthetic["colpali_train_set"], "train").num_rows
+    )
 
 
 @pytest.mark.parametrize("task", sorted(SYNTHETIC_TASKS))

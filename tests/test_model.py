@@ -42,7 +42,9 @@ def test_a_checkpoint_missing_backbone_weights_is_refused(tiny_path, tmp_path):
 
 
 def test_embeddings_are_normalised_and_zero_on_padding(model, processor, pages):
-    queries = processor.process_queries(["red pie chart", "Which page shows a blue table in landscape layout?"])
+    queries = processor.process_queries(
+        ["red pie chart", "Which page shows a blue table in landscape layout?"]
+    )
     with torch.no_grad():
         emb = model(**queries)  # (2, seq_len, 128)
     assert emb.shape[-1] == 128
@@ -96,7 +98,10 @@ def test_checkpoints_load_with_either_backbone_key_layout(tiny_path, processor, 
     model.save_pretrained(tmp_path / "saved")
     weights = load_file(tmp_path / "saved" / "model.safetensors")
     assert {"custom_text_proj.weight", "custom_text_proj.bias"} <= set(weights)
-    renamed = {(k if k.startswith("custom_text_proj") else prefix + k.removeprefix("model.")): v for k, v in weights.items()}
+    renamed = {
+        (k if k.startswith("custom_text_proj") else prefix + k.removeprefix("model.")): v
+        for k, v in weights.items()
+    }
     save_file(renamed, tmp_path / "saved" / "model.safetensors", metadata={"format": "pt"})
     reloaded = ColQwen3.from_pretrained(tmp_path / "saved").eval()
     assert not reloaded.loading_info["missing_keys"]

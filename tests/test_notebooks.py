@@ -37,7 +37,11 @@ def test_notebook_follows_the_course_anatomy(path):
         assert name.isupper() and "=" in rest and "#" in rest, f"flat, typed, commented parameter: {line!r}"
     assert "OUTPUT_DIR" in params.source
     assert "metrics.json" in nb.cells[-1].source
-    sections = [c.source.split("\n", 1)[0] for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("## ")]
+    sections = [
+        c.source.split("\n", 1)[0]
+        for c in nb.cells
+        if c.cell_type == "markdown" and c.source.startswith("## ")
+    ]
     assert [s.split(".")[0] for s in sections] == [f"## {i}" for i in range(1, len(sections) + 1)]
     assert not any("sys.path" in c.source or "!pip" in c.source for c in nb.cells)
 

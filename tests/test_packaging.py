@@ -1,10 +1,15 @@
 """The two ways in stay in sync: pyproject extras, environment.yml, Makefile, CI and README."""
 
 import re
-import tomllib
+import sys
 from pathlib import Path
 
 import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

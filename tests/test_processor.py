@@ -106,7 +106,12 @@ def test_a_file_that_is_not_an_image_is_named(processor, tmp_path):
 
 @pytest.mark.parametrize(
     "queries, message",
-    [([], "empty list"), (["fine", 42], "query 1 is a int"), (["fine", None], "query 1 is a NoneType"), (["  "], "query 0 is empty")],
+    [
+        ([], "empty list"),
+        (["fine", 42], "query 1 is a int"),
+        (["fine", None], "query 1 is a NoneType"),
+        (["  "], "query 0 is empty"),
+    ],
 )
 def test_bad_queries_are_named_in_the_error(processor, queries, message):
     with pytest.raises(ValueError, match=message):
