@@ -100,3 +100,13 @@ def test_real_architectures_match_the_published_parameter_counts(size, published
 def test_unknown_size_is_a_clear_error():
     with pytest.raises(ValueError, match="choose one of"):
         real_config("3b")
+
+
+def test_random_model_builds_the_real_architecture_without_a_download():
+    from colqwen3_lib.tiny import random_model
+
+    model = random_model("2b", device="meta", dim=128)
+    n_backbone = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("custom_text_proj"))
+    assert n_backbone == 2_127_532_032  # lm_head is tied to the embeddings in the 2B model
+    assert model.custom_text_proj.weight.shape == (128, 2048)
+    assert model.dtype == torch.bfloat16
