@@ -73,7 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{args.page_tokens} tokens x {args.dim} dims, float32, {torch.get_num_threads()} threads, "
         f"median of {args.repeats} alternating runs ({gflop:.0f} GFLOP each)"
     )
-    for name, label in (("reference", "einsum reference"), ("fast", "score_multi_vector"), ("matmul", "plain matmul")):
+    for name, label in (
+        ("reference", "einsum reference"),
+        ("fast", "score_multi_vector"),
+        ("matmul", "plain matmul"),
+    ):
         runs = ", ".join(f"{t:.2f}" for t in times[name])
         print(f"  {label:<19} {median[name]:8.2f} s  {gflop / median[name]:7.1f} GFLOP/s   (runs: {runs} s)")
     ratio = median["reference"] / median["fast"]

@@ -21,7 +21,9 @@ def _as_list(embs: Embeddings, what: str) -> list[torch.Tensor]:
         raise ValueError(f"no {what} embeddings given; pass at least one")
     dims = {e.shape[-1] for e in items}
     if len(dims) != 1 or any(e.dim() != 2 or e.shape[0] == 0 for e in items):
-        raise ValueError(f"{what} embeddings must be non-empty (n_tokens, dim) tensors of one dim, got dims {dims}")
+        raise ValueError(
+            f"{what} embeddings must be non-empty (n_tokens, dim) tensors of one dim, got dims {dims}"
+        )
     return items
 
 
@@ -106,7 +108,9 @@ def score_multi_vector(
         chunks.append((start, end))
         start = end
     sim_buffer = torch.empty(
-        max((end - start) * lengths[order[end - 1]] * rows for start, end in chunks), dtype=dtype, device=device
+        max((end - start) * lengths[order[end - 1]] * rows for start, end in chunks),
+        dtype=dtype,
+        device=device,
     )
     scores = torch.empty(len(p_list), len(q_list), dtype=torch.float32, device=device)  # page-major
     for start, end in chunks:
@@ -119,9 +123,13 @@ def score_multi_vector(
         p_flat = p.view(c * p_tokens, dim)
         target = slice(start, end) if stacked else torch.tensor(idx, device=device)
         for q_start, n_q, q_tokens, q_t in q_batches:
-            sim = torch.mm(p_flat, q_t, out=sim_buffer[: c * p_tokens * n_q * q_tokens].view(c * p_tokens, -1))
+            sim = torch.mm(
+                p_flat, q_t, out=sim_buffer[: c * p_tokens * n_q * q_tokens].view(c * p_tokens, -1)
+            )
             best = sim.view(c, p_tokens, n_q * q_tokens).amax(dim=1)  # (c, n_q * q_tokens)
-            scores[target, q_start : q_start + n_q] = best.view(c, n_q, q_tokens).sum(dim=2, dtype=torch.float32)
+            scores[target, q_start : q_start + n_q] = best.view(c, n_q, q_tokens).sum(
+                dim=2, dtype=torch.float32
+            )
     return scores.T.contiguous().cpu()
 
 

@@ -58,7 +58,9 @@ def test_zero_padded_queries_add_nothing():
     q = normalised(1, 4, 16)
     padded = torch.cat([q, torch.zeros(1, 3, 16)], dim=1)  # (1, 7, 16), as a padded batch holds it
     ps = [normalised(n, 16, seed=n) for n in (5, 9)]
-    torch.testing.assert_close(score_multi_vector(padded, ps), score_multi_vector(q, ps), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        score_multi_vector(padded, ps), score_multi_vector(q, ps), atol=1e-6, rtol=1e-6
+    )
 
 
 def test_errors():
@@ -77,7 +79,9 @@ def test_benchmark_runs_and_reports_the_ratio(capsys):
     spec = importlib.util.spec_from_file_location("bench_scoring", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(["--queries", "4", "--query-tokens", "3", "--pages", "6", "--page-tokens", "10", "--dim", "8"])
+    out = bench.main(
+        ["--queries", "4", "--query-tokens", "3", "--pages", "6", "--page-tokens", "10", "--dim", "8"]
+    )
     assert out["max_abs_diff"] < 1e-5 and out["speedup"] > 0
     printed = capsys.readouterr().out
     assert "speed-up over the reference" in printed and "share of the plain matmul rate" in printed
