@@ -51,11 +51,11 @@ def resolve_attn_implementation(requested: str | None, device: str | torch.devic
             reason = "flash_attention_2 needs a CUDA GPU and none is in use"
         elif importlib.util.find_spec("flash_attn") is None:
             reason = f"the flash-attn package is not installed ({FLASH_ATTN_HINT})"
+        elif torch.cuda.get_device_capability(device) < (8, 0):
+            reason = "flash-attn 2 needs an Ampere or newer GPU (compute capability 8.0+)"
         else:
             logger.info("attention: flash_attention_2 (requested or best available)")
             return "flash_attention_2"
-        if requested is None:
-            reason = reason.split(" (")[0]  # no request to apologise for: keep it short
         (logger.warning if requested else logger.info)(f"attention: using sdpa because {reason}")
         return "sdpa"
     if requested == "sdpa" and not hasattr(F, "scaled_dot_product_attention"):
