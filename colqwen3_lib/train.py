@@ -1,0 +1,181 @@
+"""Train ColQwen3: `python -m colqwen3_lib.train --output-dir runs/x [--peft] ...` (also under `accelerate launch`).
+
+The arguments and defaults are those of the reference `train_colqwen3_model.py`; run with `-h` for
+the full list. With `--base-model-path tiny`, the defaults marked "tiny:" apply instead, so that
+`python -m colqwen3_lib.train --output-dir runs/tiny --base-model-path tiny --peft` trains on the
+offline synthetic pages in a few CPU minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .training import (
+    DEFAULT_BASE_MODEL,
+    DEFAULT_TRAIN_DATASET,
+    LATEST,
+    NO_EVAL,
+    TINY_DEFAULTS,
+    TrainConfig,
+    TrainingOutOfMemoryError,
+    default_config,
+    train,
+)
+
+_REFERENCE = {f.name: f.default for f in TrainConfig.__dataclass_fields__.values()}
+
+
+def _default(name: str) -> str:
+    """`(default: X; tiny: Y)` for the help text."""
+    text = f"default: {_REFERENCE[name]}"
+    if name in TINY_DEFAULTS:
+        text += f"; tiny: {TINY_DEFAULTS[name]}"
+    return f"({text})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m colqwen3_lib.train",
+        description="Contrastive (LoRA) training of ColQwen3 on query-page pairs. Writes the adapter (or full "
+        "model), the processor, training_config.json and metrics.json to --output-dir, with checkpoints on the way.",
+    )
+    add = parser.add_argument
+    add(
+        "--output-dir",
+        required=True,
+        help="where to write the model, checkpoints and metrics; must be new or empty",
+    )
+    add(
+        "--base-model-path",
+        default=DEFAULT_BASE_MODEL,
+        help=f"Qwen3-VL(-Instruct) or ColQwen3 checkpoint: hub id, local path, or `tiny` for the offline test checkpoint (default: {DEFAULT_BASE_MODEL})",
+    )
+    add(
+        "--max-visual-tokens",
+        type=int,
+        help=f"cap on visual tokens per page; lower it (512) on OOM {_default('max_visual_tokens')}",
+    )
+    add("--lr", type=float, help=f"peak learning rate, linear warmup then decay {_default('lr')}")
+    add(
+        "--tau",
+        type=float,
+        help=f"temperature: scores (MaxSim / query length) are divided by it {_default('tau')}",
+    )
+    add(
+        "--trainer",
+        choices=["hf", "torch"],
+        help=f"hf: transformers.Trainer; torch: plain accelerate loop {_default('trainer')}",
+    )
+    add(
+        "--loss",
+        choices=["ce", "pairwise"],
+        help=f"ce: InfoNCE over in-batch negatives; pairwise: softplus(hardest negative - positive), more stable {_default('loss')}",
+    )
+    add(
+        "--peft",
+        action="store_true",
+        default=None,
+        help="LoRA fine-tuning (rank 32, alpha 32, dropout 0.1, language-model projections; the head is trained in full); without it, every weight is trained",
+    )
+    add("--lora-rank", type=int, help=f"LoRA rank; alpha follows it {_default('lora_rank')}")
+    add(
+        "--per-device-train-batch-size",
+        type=int,
+        help=f"pages (and queries) per device per step; every other page in the step is a negative {_default('per_device_train_batch_size')}",
+    )
+    add(
+        "--gradient-accumulation-steps",
+        type=int,
+        help=f"steps whose gradients are summed before an update (negatives stay per step) {_default('gradient_accumulation_steps')}",
+    )
+    add("--num-train-epochs", type=float, help=f"passes over the training set {_default('num_train_epochs')}")
+    add(
+        "--max-steps",
+        type=int,
+        help=f"optimizer steps; > 0 overrides --num-train-epochs {_default('max_steps')}",
+    )
+    add("--warmup-steps", type=int, help=f"linear learning-rate warmup {_default('warmup_steps')}")
+    add(
+        "--train-dataset",
+        help=f"hub id, local dataset directory, or `synthetic` for the offline synthetic pages; needs `query` and `image` columns, optional `neg_image` hard negatives (default: {DEFAULT_TRAIN_DATASET}; tiny: synthetic)",
+    )
+    add(
+        "--eval-dataset",
+        help=f"dataset whose `test` split gives the eval loss; `{NO_EVAL}` to skip (default: the training set's test split)",
+    )
+    add(
+        "--attn-implementation",
+        choices=["flash_attention_2", "sdpa", "eager"],
+        help="attention kernel (default: flash_attention_2 when installed on a GPU, else sdpa)",
+    )
+    add(
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        default=None,
+        help="store activations instead of recomputing them: faster, more memory (default: checkpointing on; tiny: off)",
+    )
+    add(
+        "--dataloader-num-workers",
+        type=int,
+        help=f"processes that decode and process pages while the model trains {_default('dataloader_num_workers')}",
+    )
+    add(
+        "--cache-pages",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep processed pages in memory across epochs; for small datasets seen many times (default: off; tiny: on)",
+    )
+    add(
+        "--num-threads",
+        type=int,
+        help="CPU threads for torch (default: torch's choice; tiny: 1, its matrices are too small to split)",
+    )
+    add("--logging-steps", type=int, help=f"log the loss every N steps {_default('logging_steps')}")
+    add("--eval-steps", type=int, help=f"eval loss every N steps {_default('eval_steps')}")
+    add("--save-steps", type=int, help=f"checkpoint every N steps {_default('save_steps')}")
+    add("--save-total-limit", type=int, help=f"checkpoints kept {_default('save_total_limit')}")
+    add("--seed", type=int, help=f"random seed (model init, data order, dropout) {_default('seed')}")
+    add(
+        "--resume-from-checkpoint",
+        help=f"continue a run from a checkpoint directory, or `{LATEST}` for the last one in --output-dir",
+    )
+    add(
+        "--auto-batch-size",
+        action="store_true",
+        default=None,
+        help="on out-of-memory, halve the per-device batch and double gradient accumulation (same effective batch), then retry",
+    )
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse the command line into a `TrainConfig`: only the options given override the defaults."""
+    args = vars(build_parser().parse_args(argv))
+    base = args.pop("base_model_path")
+    output_dir = args.pop("output_dir")
+    return default_config(output_dir, base, **{k: v for k, v in args.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(argv)
+        result = train(config)
+    except KeyboardInterrupt:
+        return 130  # train() has logged where the last checkpoint is
+    except (TrainingOutOfMemoryError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    summary = result.metrics["summary"]
+    print(
+        f"trained {summary['global_step']} steps ({summary['steps_per_second']} steps/s), final loss "
+        f"{summary['final_loss']}, eval loss {summary['final_eval_loss']}; wrote {result.output_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
