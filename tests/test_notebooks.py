@@ -46,6 +46,16 @@ def test_notebook_follows_the_course_anatomy(path):
     assert not any("sys.path" in c.source or "!pip" in c.source for c in nb.cells)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(path):
+    import papermill
+
+    nb = nbformat.read(path, as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    names = [line.split(":", 1)[0] for line in params.source.splitlines()]
+    assert list(papermill.inspect_notebook(str(path))) == names
+
+
 def test_notebook_json_is_stable_on_disk():
     for path in PATHS:
         assert json.loads(path.read_text())["nbformat"] == 4
