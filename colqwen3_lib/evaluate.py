@@ -1,0 +1,111 @@
+"""Evaluate a ColQwen3 checkpoint (and LoRA adapter) on ViDoRe, or compare two result files.
+
+    python -m colqwen3_lib.evaluate --model-path tiny --datasets synthetic --output-dir runs/eval
+    python -m colqwen3_lib.evaluate --model-path Qwen/Qwen3-VL-2B-Instruct --adapter runs/colqwen3 \\
+        --datasets vidore-v1 --output-dir runs/eval-vidore
+    python -m colqwen3_lib.evaluate --compare runs/eval-before runs/eval-after [--output-dir runs/compare]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from . import evaluation as ev
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m colqwen3_lib.evaluate",
+        description="NDCG@k on ViDoRe (QA and BEIR formats), as vidore-benchmark computes it.",
+    )
+    parser.add_argument("--model-path", help="hub id, local checkpoint, or `tiny` for the offline checkpoint")
+    parser.add_argument("--adapter", help="directory of a LoRA adapter saved by PeftModel.save_pretrained")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=[ev.SYNTHETIC],
+        help=f"ViDoRe hub ids, local dataset paths, `{ev.SYNTHETIC}` (default: the offline test sets) or "
+        f"`{ev.VIDORE_V1}` (the ten ViDoRe v1 tasks); space- or comma-separated",
+    )
+    parser.add_argument("--output-dir", help="where the result files go (required to evaluate)")
+    parser.add_argument("--split", default=ev.SPLIT)
+    parser.add_argument("--batch-size", type=int, default=ev.BATCH_SIZE, help="pages per forward pass")
+    parser.add_argument("--query-batch-size", type=int, default=ev.QUERY_BATCH_SIZE)
+    parser.add_argument(
+        "--score-batch-size", type=int, default=ev.SCORE_BATCH_SIZE, help="queries per MaxSim block"
+    )
+    parser.add_argument(
+        "--max-visual-tokens",
+        type=int,
+        help=f"visual tokens per page (default: the trained processor's, else {ev.DEFAULT_MAX_VISUAL_TOKENS})",
+    )
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--attn-implementation", choices=("flash_attention_2", "sdpa", "eager"))
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("BEFORE", "AFTER"),
+        help="compare two results (results.json, a task JSON or an output directory) instead of evaluating",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.compare:
+            rows = ev.compare_results(*args.compare)
+            print(ev.markdown_table(rows))
+            if args.output_dir:
+                print(f"\nwrote {ev.write_comparison(rows, args.output_dir)} (and .csv)")
+            return 0
+        if not args.model_path or not args.output_dir:
+            parser.error(
+                "--model-path and --output-dir are needed to evaluate (or use --compare BEFORE AFTER)"
+            )
+        start = time.perf_counter()
+        model, processor = ev.load_model(
+            args.model_path,
+            adapter=args.adapter,
+            max_visual_tokens=args.max_visual_tokens,
+            device=args.device,
+            attn_implementation=args.attn_implementation,
+        )
+        results = ev.evaluate_model(
+            model,
+            processor,
+            args.datasets,
+            split=args.split,
+            batch_size=args.batch_size,
+            query_batch_size=args.query_batch_size,
+            score_batch_size=args.score_batch_size,
+            show_progress=not args.no_progress,
+        )
+        metadata = {
+            "model_path": args.model_path,
+            "adapter": args.adapter,
+            "datasets": args.datasets,
+            "split": args.split,
+            "max_visual_tokens": processor.max_num_visual_tokens,
+            "batch_size": args.batch_size,
+            "device": str(next(model.parameters()).device),
+            "dtype": str(next(model.parameters()).dtype),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        path = ev.write_results(results, args.output_dir, metadata)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(ev.markdown_table(ev.summary_rows(results)))
+    print(f"\nwrote {path}, one JSON per task and summary.csv/.md in {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""`python -m colqwen3_lib.evaluate` end to end on the tiny checkpoint and the synthetic test sets."""
+
+import json
+import runpy
+import shutil
+import sys
+
+import pytest
+import torch
+
+from colqwen3_lib import evaluation as ev
+from colqwen3_lib.data import SYNTHETIC_TASKS
+from colqwen3_lib.evaluate import main
+
+FAST = ["--max-visual-tokens", "32", "--no-progress"]  # small pages keep the tiny model quick
+CHARTS = "synthetic_charts_test"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to share out: one thread avoids the OpenMP thread handoff,
+    which on a busy 2-core machine made the page forward passes ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "tiny"
+    assert run_cli("--model-path", "tiny", "--datasets", "synthetic", "--output-dir", out, *FAST) == 0
+    return out
+
+
+def make_adapter(path, dim=None, seed=1):
+    """A LoRA adapter on the tiny model: q/v projections of the language model plus a saved head."""
+    from peft import LoraConfig, get_peft_model
+
+    from colqwen3_lib import ColQwen3
+
+    torch.manual_seed(seed)
+    base = ColQwen3.from_pretrained("tiny", dim=dim)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=r"language_model\.layers\.\d+\.self_attn\.(q|v)_proj",
+        modules_to_save=["custom_text_proj"],
+        init_lora_weights="gaussian",
+    )
+    model = get_peft_model(base, config)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapter") / "lora"
+    return path, make_adapter(path)
+
+
+def test_cli_writes_results_for_every_synthetic_task(baseline, capsys):
+    files = sorted(p.name for p in baseline.iterdir())
+    assert files == sorted(
+        [ev.RESULTS_FILE, "summary.csv", "summary.md", *(f"{t}.json" for t in SYNTHETIC_TASKS)]
+    )
+    results = json.loads((baseline / ev.RESULTS_FILE).read_text())
+    assert results["metadata"]["model_path"] == "tiny" and results["metadata"]["max_visual_tokens"] == 32
+    assert list(results["results"]) == list(SYNTHETIC_TASKS)
+    for task in SYNTHETIC_TASKS:
+        per_task = json.loads((baseline / f"{task}.json").read_text())
+        assert per_task["task"] == task and per_task["n_pages"] == 32 and 0 < per_task["n_queries"] <= 24
+        for k in ev.K_VALUES:
+            assert 0.0 <= per_task["metrics"][f"ndcg_at_{k}"] <= 1.0
+        assert per_task["metrics"]["recall_at_100"] == 1.0  # all 32 pages are ranked
+    summary = (baseline / "summary.md").read_text()
+    assert all(f"| {task} |" in summary for task in SYNTHETIC_TASKS) and "| average |" in summary
+    csv_header = (baseline / "summary.csv").read_text().splitlines()[0]
+    assert csv_header == "task,n_queries,n_pages," + ",".join(ev.SUMMARY_METRICS)
+
+
+def test_library_call_gives_the_cli_results(baseline):
+    model, processor = ev.load_model("tiny", max_visual_tokens=32)
+    results = ev.evaluate_model(model, processor, [CHARTS], show_progress=False)
+    saved = json.loads((baseline / ev.RESULTS_FILE).read_text())["results"]
+    assert results[CHARTS]["metrics"] == pytest.approx(saved[CHARTS]["metrics"], abs=1e-9)
+
+
+def test_adapter_evaluates_like_the_model_it_was_saved_from(adapter, baseline, tmp_path, capsys):
+    path, peft_model = adapter
+    out = tmp_path / "adapted"
+    assert (
+        run_cli("--model-path", "tiny", "--adapter", path, "--datasets", CHARTS, "--output-dir", out, *FAST)
+        == 0
+    )
+    from colqwen3_lib import ColQwen3Processor
+
+    processor = ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=32)
+    in_memory = ev.evaluate_model(peft_model.eval(), processor, [CHARTS], show_progress=False)[CHARTS]
+    from_cli = json.loads((out / f"{CHARTS}.json").read_text())
+    assert from_cli["metadata"]["adapter"] == str(path)
+    assert from_cli["metrics"] == pytest.approx(in_memory["metrics"], abs=1e-6)
+
+    # Comparison mode: before (no adapter) vs after (adapter), on the tasks both evaluated.
+    capsys.readouterr()
+    assert run_cli("--compare", baseline, out, "--output-dir", tmp_path / "cmp") == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"| {CHARTS} |" in printed
+        and "delta ndcg_at_5" in printed
+        and "synthetic_documents_test" not in printed
+    )
+    rows = ev.compare_results(baseline, out)
+    before = json.loads((baseline / f"{CHARTS}.json").read_text())["metrics"]["ndcg_at_10"]
+    assert rows[0]["delta ndcg_at_10"] == pytest.approx(from_cli["metrics"]["ndcg_at_10"] - before)
+    assert (tmp_path / "cmp" / "comparison.md").exists() and (tmp_path / "cmp" / "comparison.csv").exists()
+
+
+def test_adapter_for_another_base_model_is_refused(adapter, tmp_path, capsys):
+    path, _ = adapter
+    other_base = tmp_path / "other_base"
+    shutil.copytree(path, other_base)
+    config = json.loads((other_base / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "Qwen/Qwen3-VL-8B-Instruct"
+    (other_base / "adapter_config.json").write_text(json.dumps(config))
+    assert (
+        run_cli("--model-path", "tiny", "--adapter", other_base, "--output-dir", tmp_path / "o1", *FAST) == 2
+    )
+    assert "trained on 'Qwen/Qwen3-VL-8B-Instruct', but the base model is 'tiny'" in capsys.readouterr().err
+
+    wrong_dim = tmp_path / "wrong_dim"
+    make_adapter(wrong_dim, dim=64)
+    assert (
+        run_cli("--model-path", "tiny", "--adapter", wrong_dim, "--output-dir", tmp_path / "o2", *FAST) == 2
+    )
+    err = capsys.readouterr().err
+    assert "does not fit the base model" in err and "custom_text_proj.weight: adapter shape [64, 64]" in err
+
+    assert run_cli("--model-path", "tiny", "--adapter", tmp_path, "--output-dir", tmp_path / "o3", *FAST) == 2
+    assert "is not a PEFT adapter directory" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists()
+
+
+def test_dataset_problems_are_named(tmp_path, capsys):
+    from colqwen3_lib.data import load_split
+
+    broken = tmp_path / "no_filenames"
+    load_split(CHARTS, "test").remove_columns("image_filename").save_to_disk(str(broken))
+    assert run_cli("--model-path", "tiny", "--datasets", broken, "--output-dir", tmp_path / "out", *FAST) == 2
+    assert "'no_filenames' lacks the column(s) ['image_filename']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli("--model-path", "tiny")  # no --output-dir
+
+
+def test_module_entry_point_compares(baseline, monkeypatch, capsys):
+    args = ["python -m colqwen3_lib.evaluate", "--compare", str(baseline), str(baseline / ev.RESULTS_FILE)]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("colqwen3_lib.evaluate", run_name="__main__")
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "| average |" in printed and "+0.00" in printed
