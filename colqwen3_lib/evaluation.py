@@ -691,7 +691,7 @@ def load_model(
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
         except (RuntimeError, ValueError, KeyError) as err:
             raise ValueError(f"adapter {adapter} could not be loaded onto {model_path!r}: {err}") from err
-        if (Path(adapter) / "preprocessor_config.json").exists():
+        if any((Path(adapter) / f).exists() for f in ("processor_config.json", "preprocessor_config.json")):
             processor_dir, trained = str(adapter), True
     processor = ColQwen3Processor.from_pretrained(processor_dir)
     if max_visual_tokens is not None or not trained:

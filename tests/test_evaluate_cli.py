@@ -164,3 +164,26 @@ def test_module_entry_point_compares(baseline, monkeypatch, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "| average |" in printed and "+0.00" in printed
+
+
+def test_processor_saved_with_the_adapter_sets_the_page_size(adapter, tmp_path):
+    """The trainer saves its processor next to the adapter: evaluation pages match training pages."""
+    from colqwen3_lib import ColQwen3Processor
+
+    path = tmp_path / "with_processor"
+    shutil.copytree(adapter[0], path)
+    ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=16).save_pretrained(path)
+    out = tmp_path / "out"
+    args = [
+        "--model-path",
+        "tiny",
+        "--adapter",
+        path,
+        "--datasets",
+        CHARTS,
+        "--output-dir",
+        out,
+        "--no-progress",
+    ]
+    assert run_cli(*args) == 0
+    assert json.loads((out / ev.RESULTS_FILE).read_text())["metadata"]["max_visual_tokens"] == 16
