@@ -103,8 +103,14 @@ def retrieval_metrics(
 
     Raises:
         ValueError: no query of `run` has judgements in `qrels`.
+        ImportError: pytrec_eval is not installed.
     """
-    import pytrec_eval
+    try:
+        import pytrec_eval
+    except ImportError as err:
+        raise ImportError(
+            "ViDoRe metrics need pytrec_eval: pip install 'colqwen3-lib[eval]' (or pytrec-eval-terrier)"
+        ) from err
 
     ks = ",".join(str(k) for k in k_values)
     measures = {f"ndcg_cut.{ks}", f"map_cut.{ks}", f"recall.{ks}", f"P.{ks}"}
@@ -317,10 +323,14 @@ def load_task(name_or_path: str | os.PathLike, split: str = SPLIT) -> RetrievalT
     path = Path(name)
     display = task_name(name)
     if path.exists():
-        if _is_beir_dir(path):
-            parts = {part: load_split(path / part, split) for part in BEIR_COLUMNS}
-            return beir_task(parts["corpus"], parts["queries"], parts["qrels"], display)
-        return qa_task(load_split(path, split), display)
+        try:
+            if _is_beir_dir(path):
+                parts = {part: load_split(path / part, split) for part in BEIR_COLUMNS}
+                return beir_task(parts["corpus"], parts["queries"], parts["qrels"], display)
+            ds = load_split(path, split)
+        except OSError as err:
+            raise ValueError(f"{name} could not be read as a dataset: {err}") from err
+        return qa_task(ds, display)
     if name in SYNTHETIC_TASKS:
         return qa_task(load_split(name, split), display)
     if name.count("/") != 1:

@@ -189,6 +189,9 @@ def test_qa_errors_name_the_problem(tmp_path):
         ev.qa_task(qa_dataset([(None, 0, "a.png"), (None, 1, "b.png")]), "distractors_only")
     with pytest.raises(ValueError, match="neither a local path nor a Hugging Face Hub id"):
         ev.load_task("no_such_dataset")
+    (tmp_path / "no_data").mkdir()
+    with pytest.raises(ValueError, match="no_data could not be read as a dataset"):
+        ev.load_task(tmp_path / "no_data")
     DatasetDict(test=no_filename).save_to_disk(str(tmp_path / "broken"))
     with pytest.raises(ValueError, match="broken.*image_filename"):
         ev.evaluate_model(
