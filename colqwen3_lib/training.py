@@ -483,6 +483,7 @@ def train_hf(
         seed=config.seed,
         data_seed=config.seed,
         dataloader_num_workers=config.dataloader_num_workers,
+        dataloader_persistent_workers=config.dataloader_num_workers > 0,  # workers keep their page cache
         dataloader_drop_last=True,  # every process needs a full batch for the page gather
         remove_unused_columns=False,
         label_names=[],
@@ -550,6 +551,7 @@ def train_torch_loop(
         drop_last=True,  # every process needs a full batch for the page gather
         collate_fn=collator,
         num_workers=config.dataloader_num_workers,
+        persistent_workers=config.dataloader_num_workers > 0,  # workers keep their page cache
         # Its own generator: starting an epoch then draws no number from the global one that dropout uses,
         # so a resumed run's dropout masks are those of an uninterrupted run.
         generator=torch.Generator().manual_seed(config.seed),
@@ -914,7 +916,8 @@ def train(config: TrainConfig, hook: StepHook | None = None) -> TrainResult:
     from accelerate import PartialState
 
     _check_output_dir(config)
-    PartialState().wait_for_everyone()  # every process has checked before the main one writes
+    # Without a GPU, processes started by `accelerate launch`/`torchrun` train together over gloo.
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()  # all have checked before any writes
     resume = _resolve_resume(config)
     started_with = latest_checkpoint(config.output_dir)
     threads = torch.get_num_threads()

@@ -1,0 +1,158 @@
+"""The training CLI: the reference script's arguments and defaults, its outputs, its errors, and
+`accelerate launch` with two CPU processes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from colqwen3_lib.train import build_parser, config_from_args, main
+from colqwen3_lib.training import TINY_DEFAULTS
+
+REFERENCE_ARGUMENTS = {  # train_colqwen3_model.py's arguments and defaults, from its README
+    "base_model_path": "Qwen/Qwen3-VL-2B-Instruct",
+    "max_visual_tokens": 768,
+    "lr": 2e-4,
+    "tau": 0.02,
+    "trainer": "hf",
+    "loss": "ce",
+    "peft": False,
+}
+SMALL_RUN = [
+    "--base-model-path", "tiny",
+    "--peft",
+    "--per-device-train-batch-size", "8",
+    "--max-visual-tokens", "16",
+    "--max-steps", "2",
+    "--save-steps", "1",
+    "--eval-steps", "2",
+    "--warmup-steps", "1",
+]  # fmt: skip
+
+
+def test_defaults_are_the_reference_scripts():
+    config = config_from_args(["--output-dir", "out"])
+    for name, value in REFERENCE_ARGUMENTS.items():
+        assert getattr(config, name) == value, name
+    assert config.per_device_train_batch_size == 64 and config.lora_rank == 32
+    assert config.train_dataset == "vidore/colpali_train_set" and config.gradient_checkpointing
+
+
+def test_the_reference_advanced_command_maps_one_to_one():
+    argv = "--output-dir ./models/colqwen3-v1 --base-model-path Qwen/Qwen3-VL-2B-Instruct --max-visual-tokens 768 "
+    argv += "--lr 2e-4 --tau 0.02 --loss pairwise --peft"
+    config = config_from_args(argv.split())
+    assert (config.output_dir, config.loss, config.peft, config.lr) == (
+        "./models/colqwen3-v1",
+        "pairwise",
+        True,
+        2e-4,
+    )
+
+
+def test_tiny_defaults_apply_only_to_the_tiny_checkpoint_and_yield_to_flags():
+    tiny = config_from_args(["--output-dir", "out", "--base-model-path", "tiny"])
+    for name, value in TINY_DEFAULTS.items():
+        assert getattr(tiny, name) == value, name
+    explicit = config_from_args(
+        ["--output-dir", "o", "--base-model-path", "tiny", "--lr", "1e-4", "--cache-pages"]
+    )
+    assert explicit.lr == 1e-4 and explicit.max_visual_tokens == TINY_DEFAULTS["max_visual_tokens"]
+    no_checkpointing = config_from_args(["--output-dir", "o", "--no-gradient-checkpointing"])
+    assert no_checkpointing.gradient_checkpointing is False and no_checkpointing.lr == 2e-4
+
+
+def test_help_explains_every_argument():
+    text = " ".join(build_parser().format_help().split())  # unwrapped
+    for flag in (
+        "--output-dir", "--base-model-path", "--max-visual-tokens", "--lr", "--tau", "--trainer", "--loss",
+        "--peft", "--per-device-train-batch-size", "--gradient-accumulation-steps", "--num-train-epochs",
+        "--max-steps", "--train-dataset", "--eval-dataset", "--attn-implementation", "--lora-rank", "--seed",
+        "--resume-from-checkpoint", "--auto-batch-size",
+    ):  # fmt: skip
+        assert flag in text, flag
+    assert "default: 768" in text and "default: 0.0002" in text and "tiny: synthetic" in text
+    for action in build_parser()._actions:
+        assert action.help, action.dest
+
+
+def test_a_run_writes_model_processor_config_and_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--output-dir", str(out), *SMALL_RUN, "--trainer", "torch"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+    ):
+        assert (out / name).exists(), name
+    config = json.loads((out / "training_config.json").read_text())
+    assert (config["lr"], config["tau"], config["max_visual_tokens"]) == (TINY_DEFAULTS["lr"], 0.02, 16)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["train"]] == [1, 2]
+    assert [e["step"] for e in metrics["eval"]] == [2] and metrics["eval"][0]["eval_loss"] > 0
+    # Continuing from the last checkpoint (step 1) retrains step 2 to the same weights.
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert (
+        main(
+            ["--output-dir", str(out), *SMALL_RUN, "--trainer", "torch", "--resume-from-checkpoint", "latest"]
+        )
+        == 0
+    )
+    assert json.loads((out / "metrics.json").read_text())["summary"]["steps_this_run"] == 1
+    resumed = load_file(out / "adapter_model.safetensors")
+    for key, value in adapter.items():
+        assert torch.allclose(resumed[key], value, atol=1e-6), key
+
+
+def test_errors_say_what_to_change(tmp_path, capsys):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "model.safetensors").write_text("an earlier run")
+    assert main(["--output-dir", str(tmp_path / "old"), *SMALL_RUN]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "old" / "model.safetensors").read_text() == "an earlier run"
+    assert (
+        main(["--output-dir", str(tmp_path / "big"), *SMALL_RUN, "--per-device-train-batch-size", "999"]) == 1
+    )
+    assert "--per-device-train-batch-size 256 or less" in capsys.readouterr().err
+    assert main(["--output-dir", str(tmp_path / "r"), *SMALL_RUN, "--resume-from-checkpoint", "latest"]) == 1
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_the_module_runs_as_a_script():
+    done = subprocess.run(
+        [sys.executable, "-m", "colqwen3_lib.train", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "--output-dir" in done.stdout
+
+
+@pytest.mark.skipif(
+    shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None, reason="no accelerate"
+)
+def test_accelerate_launch_with_two_cpu_processes(tmp_path):
+    """The HF trainer as two gloo processes: one output, world size 2.
+
+    (`accelerate launch --cpu` starts a single process whatever --num_processes says; `--multi_gpu`
+    starts them, and without a GPU they train on the CPU.)
+    """
+    out = tmp_path / "ddp"
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "-m", "colqwen3_lib.train", "--output-dir", str(out), *SMALL_RUN]
+    command += ["--per-device-train-batch-size", "4", "--num-threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["world_size"] == 2 and config["effective_batch_size"] == 8
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["train"]] == [1, 2]
+    assert (out / "adapter_model.safetensors").exists()
