@@ -3,8 +3,8 @@
 On the CPU it measures the tiny checkpoint's architecture and a scaled-down 2B (hidden 512, 4 layers,
 vision 256 x 4 blocks, the real vocabulary) over a grid of batch sizes and visual-token caps, with
 and without LoRA and gradient checkpointing; with `--gpu` it measures the real 2B architecture (random
-weights) with `torch.cuda.max_memory_allocated`. Writes a markdown table (default
-benchmarks/memory_accuracy.md) and prints it.
+weights) with `torch.cuda.max_memory_allocated`. Writes a markdown table
+(benchmarks/memory_accuracy.md, or memory_accuracy_gpu.md with --gpu) and prints it.
 
     python benchmarks/bench_memory.py            # CPU grid, ~10 min on 2 cores
     python benchmarks/bench_memory.py --quick    # 4 CPU runs, ~1 min
@@ -48,22 +48,22 @@ def cpu_cases(quick: bool):
                     max_visual_tokens=tokens, attn_implementation="sdpa", device="cpu",
                 )  # fmt: skip
                 cases.append((name, config, setup))
-    if not quick:
-        base = dict(model_size="tiny", lora=True, batch_size=4, max_visual_tokens=128, device="cpu")
-        cases.append(
-            (
-                "scaled-2b",
-                scaled_config(),
-                TrainingSetup(**base, dtype="float32", attn_implementation="eager"),
+    if not quick:  # eager attention and bf16, without checkpointing so that every layer's tensors count
+        extra = dict(model_size="tiny", gradient_checkpointing=False, device="cpu")
+        for lora, dtype, attn, batch, tokens in [
+            (True, "float32", "eager", 4, 128),
+            (True, "bfloat16", "sdpa", 4, 128),
+            (False, "bfloat16", "sdpa", 4, 128),
+        ]:
+            setup = TrainingSetup(
+                **extra,
+                lora=lora,
+                dtype=dtype,
+                attn_implementation=attn,
+                batch_size=batch,
+                max_visual_tokens=tokens,
             )
-        )
-        cases.append(
-            (
-                "scaled-2b",
-                scaled_config(),
-                TrainingSetup(**base, dtype="bfloat16", attn_implementation="sdpa"),
-            )
-        )
+            cases.append(("scaled-2b", scaled_config(), setup))
     return cases
 
 
@@ -166,8 +166,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 CPU runs instead of the full grid")
     parser.add_argument("--gpu", action="store_true", help="measure the real 2B architecture on CUDA")
-    parser.add_argument("--output", type=Path, default=Path(__file__).with_name("memory_accuracy.md"))
+    parser.add_argument(
+        "--output", type=Path, help="default: memory_accuracy.md (CPU) or memory_accuracy_gpu.md"
+    )
     args = parser.parse_args()
+    args.output = args.output or Path(__file__).with_name(
+        "memory_accuracy_gpu.md" if args.gpu else "memory_accuracy.md"
+    )
     if args.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("--gpu needs a CUDA device; none is visible")

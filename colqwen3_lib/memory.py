@@ -11,9 +11,12 @@ alone, by counting what is resident and what autograd saves for backward:
 - workspace: short-lived buffers at the peak (the loss's similarity block and its gradient, one
   layer's gradient buffers, the optimizer's temporaries).
 
-Peak = weights + trainable/optimizer + the largest of three moments: backward starts (all
-activations alive), text backward ends (gradients of the text layers + the vision tower's
-activations), optimizer step (all gradients + optimizer temporaries).
+Peak = weights + trainable/optimizer + the largest of five moments: the vision tower's forward
+(one block's temporaries over all patches, plus the unpadded float32 copy of the pixels that
+`ColQwen3.forward` makes), the end of the pages' forward, the start of backward (all activations
+and the loss's gradient), the end of the text backward (text gradients + the vision tower's
+activations, full fine-tuning only), the optimizer step (all gradients + AdamW temporaries).
+The batch (float32 pixels) is alive throughout.
 
 Saved for backward, per token and per decoder layer (h hidden, q/k query/key-value widths,
 I MLP width, a bytes per activation element):
@@ -532,6 +535,10 @@ def suggest_settings(
             + "lower max_visual_tokens or use a smaller model"
         )
         return Suggestion(0, 0, 0, estimate, False, note)
+    per_device = math.ceil(wanted / num_devices)
+    divisor = max(d for d in range(1, batch + 1) if per_device % d == 0)
+    if batch < setup.batch_size and divisor * 2 > batch:
+        batch = divisor  # e.g. 32 x 2 rather than 63 x 2: the effective batch stays exactly as wanted
     steps = gradient_accumulation_steps(wanted, batch, num_devices)
     estimate = estimate_memory(setup, batch_size=batch)
     if batch >= setup.batch_size:
@@ -659,11 +666,12 @@ def oom_advice(
                 f"{suggestion.gradient_accumulation_steps} keeps the effective batch of {setup.batch_size}"
             )
     lines += [
-        "- reduce the batch size (e.g. --per-device-train-batch-size 32), or let --auto-batch-size find one",
-        "- enable gradient checkpointing (on by default; check it was not turned off)",
+        f"- reduce the batch size (--per-device-train-batch-size {max(1, (batch or 64) // 2)}) and raise "
+        "--gradient-accumulation-steps to match, or let --auto-batch-size find one",
+        "- keep gradient checkpointing on (the default; drop --no-gradient-checkpointing)",
         "- use LoRA: --peft (frozen base weights need no gradients or optimizer states)",
         "- reduce max visual tokens: --max-visual-tokens 512",
-        "- use flash_attention_2 (pip install flash-attn --no-build-isolation) rather than eager attention",
+        "- use --attn-implementation flash_attention_2 (pip install flash-attn --no-build-isolation), not eager",
         "See `python -m colqwen3_lib.doctor` for what fits this machine.",
     ]
     return "\n".join(lines)

@@ -132,9 +132,11 @@ def test_suggestion_keeps_the_effective_batch_and_fits_the_budget():
     setup = TrainingSetup(model_size="2b", batch_size=64)
     suggestion = memory.suggest_settings(24, setup)
     assert suggestion.fits and 0 < suggestion.batch_size < 64
-    assert suggestion.batch_size * suggestion.gradient_accumulation_steps >= 64
+    assert suggestion.batch_size * suggestion.gradient_accumulation_steps == 64  # exactly the wanted batch
     assert suggestion.estimate.total <= 24 * GIB * 0.9
-    assert estimate_memory(setup, batch_size=suggestion.batch_size + 1).total > 24 * GIB * 0.9
+    largest = memory.largest_batch_size(24 * GIB * 0.9, setup)
+    assert estimate_memory(setup, batch_size=largest + 1).total > 24 * GIB * 0.9
+    assert largest / 2 < suggestion.batch_size <= largest  # a divisor of 64 close to the largest that fits
     assert "gradient accumulation" in suggestion.note
 
     roomy = memory.suggest_settings(1000, setup)
@@ -240,44 +242,26 @@ def test_synthetic_batch_is_shaped_like_the_processor_output():
     assert (queries["attention_mask"].sum(dim=1) == torch.tensor([30, 30, 27])).all()
 
 
+MEASURED = {
+    "tiny-lora": ("tiny", TrainingSetup(**CPU, lora=True, batch_size=4, max_visual_tokens=128, gradient_checkpointing=False)),
+    "tiny-full-ckpt": ("tiny", TrainingSetup(**CPU, lora=False, batch_size=4, max_visual_tokens=128)),
+    "scaled-lora": ("scaled", TrainingSetup(**CPU, lora=True, batch_size=8, max_visual_tokens=256, gradient_checkpointing=False)),
+}  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name, setup",
-    [
-        (
-            "tiny",
-            TrainingSetup(
-                **CPU, lora=True, gradient_checkpointing=False, batch_size=4, max_visual_tokens=128
-            ),
-        ),
-        (
-            "tiny",
-            TrainingSetup(
-                **CPU, lora=False, gradient_checkpointing=True, batch_size=4, max_visual_tokens=128
-            ),
-        ),
-        (
-            "scaled",
-            TrainingSetup(
-                **CPU, lora=True, gradient_checkpointing=False, batch_size=4, max_visual_tokens=128
-            ),
-        ),
-        (
-            "scaled",
-            TrainingSetup(
-                **CPU, lora=False, gradient_checkpointing=False, batch_size=2, max_visual_tokens=64
-            ),
-        ),
-    ],
-)
-def test_estimate_is_within_25_percent_of_a_measured_training_step(name, setup):
+@pytest.mark.parametrize("case", sorted(MEASURED))
+def test_estimate_is_within_25_percent_of_a_measured_training_step(case):
     from colqwen3_lib.tiny import real_config
 
+    name, setup = MEASURED[case]
     config = (
         real_config("tiny")
         if name == "tiny"
         else memory.scaled_config(hidden=256, intermediate=768, layers=2)
     )
     measured = memory.measure_training_step(setup, config=config)
-    predicted = estimate_memory(setup, config=config).total
-    assert predicted == pytest.approx(measured, rel=0.25)
+    estimate = estimate_memory(setup, config=config)
+    assert estimate.total == pytest.approx(measured, rel=0.25)
+    if name == "scaled":  # big enough that the activations, not the weights, are what is being checked
+        assert estimate.activations + estimate.workspace > estimate.weights
