@@ -68,9 +68,8 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _FP32 = 4
 _LORA_BYTES = 4  # peft keeps adapter weights (and so their inputs) in float32
 
-# The reference README's recommended settings: (model size, per-device batch size).
+# The reference README's recommended per-device batches: 2B 64; 4B 32-48; 8B 16-32 (both ends).
 RECOMMENDED = (("2b", 64), ("4b", 48), ("4b", 32), ("8b", 32), ("8b", 16))
-RECOMMENDED_EFFECTIVE_BATCH = {"2b": 64, "4b": 48, "8b": 32}
 
 
 @dataclass(frozen=True)
@@ -194,7 +193,8 @@ class MemoryEstimate:
     """Predicted peak memory of one training step, in bytes, and what it is made of.
 
     `weights + trainable + gradients + activations + workspace == total`; the last three are what
-    is alive at `peak_phase` (`backward`, `vision backward` or `optimizer step`).
+    is alive at `peak_phase` (`vision forward`, `pages forward`, `backward`, `vision backward` or
+    `optimizer step`); `phases` gives the total at each of them.
     """
 
     setup: TrainingSetup
@@ -436,11 +436,10 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
         "vision forward": (0, text_q + pixels + vision_saved, pixel_copy + vision_ws),
         "pages forward": (0, text_q + text_p + pixels + vision_saved, pixel_copy),
         "backward": (0, activations, max(2 * loss, text_ws)),
-        "vision backward": (text_grads, pixels + vision_saved, vision_bwd_ws)
-        if not setup.lora
-        else (0, 0, 0),
         "optimizer step": (all_gradients, pixels, optimizer_ws),  # the batch is still referenced
     }
+    if not setup.lora:  # the vision tower's backward runs after the text layers'
+        moments["vision backward"] = (text_grads, pixels + vision_saved, vision_bwd_ws)
     totals = {name: sum(parts) for name, parts in moments.items()}
     phase = max(totals, key=totals.get)
     gradients, alive, workspace = moments[phase]
