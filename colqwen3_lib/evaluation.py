@@ -440,6 +440,45 @@ def build_run(task: RetrievalTask, scores: torch.Tensor) -> dict[str, dict[str, 
     return run
 
 
+def top_pages(
+    model,
+    processor,
+    task: RetrievalTask,
+    query: str,
+    k: int = 5,
+    page_embeddings: list[torch.Tensor] | None = None,
+) -> list[dict]:
+    """The `k` best pages of `task` for one query, to look at.
+
+    Args:
+        page_embeddings: `embed_pages(model, processor, task)`, when already computed.
+
+    Returns:
+        One dict per page, best first: `image` (PIL), `score`, `document` (its id) and `relevant`
+        (the document's relevance to `query` in the task's qrels, 0 when unjudged or unknown).
+    """
+    if page_embeddings is None:
+        page_embeddings = embed_pages(model, processor, task)
+    scores = score_multi_vector(embed_queries(model, processor, [query]), page_embeddings)[0]  # (n_images,)
+    qrels = {}
+    for text, qid in zip(task.queries, task.query_ids):
+        if text == query:
+            qrels = task.qrels.get(qid, {})
+    docs_of = {}
+    for image, doc in task.image_docs:
+        docs_of.setdefault(image, doc)
+    best = scores.topk(min(k, len(page_embeddings)))
+    return [
+        {
+            "image": _decode(task.pages[task.images[i]]["image"]),
+            "score": float(score),
+            "document": docs_of.get(i, ""),
+            "relevant": qrels.get(docs_of.get(i, ""), 0),
+        }
+        for score, i in zip(best.values.tolist(), best.indices.tolist())
+    ]
+
+
 def evaluate_task(
     model,
     processor,

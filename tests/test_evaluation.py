@@ -321,3 +321,13 @@ def test_result_files_and_comparison(tmp_path):
     with pytest.raises(ValueError, match="not an evaluation result"):
         (tmp_path / "other.json").write_text("{}")
         ev.read_results(tmp_path / "other.json")
+
+
+def test_top_pages_ranks_the_pages_of_a_task_for_one_query(qa_dir):
+    task = ev.load_task(qa_dir)
+    pages = ev.top_pages(FakeModel(), FakeProcessor(QA_VECTORS), task, "B", k=3)
+    assert len(pages) == 3
+    assert [p["score"] for p in pages] == sorted((p["score"] for p in pages), reverse=True)
+    assert pages[0]["document"] == "p2.png" and pages[0]["relevant"] == 1  # B's page ranks first
+    assert all(p["relevant"] == 0 for p in pages[1:])
+    assert all(p["image"].size == (40, 40) for p in pages)
