@@ -65,7 +65,7 @@ TINY_DEFAULTS = dict(
     per_device_train_batch_size=32,
     lr=5e-3,
     num_train_epochs=1.0,
-    max_steps=200,
+    max_steps=300,
     warmup_steps=10,
     logging_steps=1,
     eval_steps=50,
@@ -1016,6 +1016,6 @@ def retrieval_ndcg(
     scores = score_multi_vector(query_embs, page_embs)  # (n_queries, n_pages)
     gains = []
     for i, page in enumerate(relevant):
-        rank = int((scores[i] > scores[i, page]).sum())  # ties count in the query's favour
+        rank = int((scores[i] >= scores[i, page]).sum()) - 1  # a tie counts against the query
         gains.append(1 / math.log2(rank + 2) if rank < k else 0.0)
     return sum(gains) / len(gains)
