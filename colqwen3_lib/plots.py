@@ -170,3 +170,74 @@ def show_retrieved(
         ax.set_xlabel(f"#{rank}  score {score:.2f}" + ("  (relevant)" if hit else ""), fontsize=8)
     fig.suptitle(f"Top {len(pages)} for: {query}", fontsize=10)
     return fig
+
+
+def plot_memory_breakdown(estimates: dict[str, object], limit_gib: float | None = None, ax=None):
+    """Stacked bars of `MemoryEstimate.breakdown()` per labelled configuration, with the GPU's memory."""
+    parts = ("weights", "trainable", "gradients", "activations", "workspace")
+    labels = list(estimates)
+    fig, ax = _axes(ax, figsize=(max(5, 1.5 * len(labels)), 4))
+    bottom = np.zeros(len(labels))
+    for part in parts:
+        values = np.array([estimates[label].breakdown()[part] for label in labels])
+        ax.bar(labels, values, bottom=bottom, label="trainable + optimizer" if part == "trainable" else part)
+        bottom += values
+    if limit_gib:
+        ax.axhline(limit_gib, color="red", ls="--", lw=1, label=f"{limit_gib:.0f} GiB GPU")
+    ax.set_ylabel("predicted peak memory (GiB)")
+    ax.set_xlabel("configuration")
+    ax.set_title("Where the memory goes")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_predicted_vs_measured(rows: Sequence[dict], tolerance: float = 0.25, ax=None):
+    """Predicted against measured peak memory (MiB), with the +-tolerance band around y = x."""
+    fig, ax = _axes(ax, figsize=(5, 5))
+    measured = np.array([r["measured_mib"] for r in rows])
+    predicted = np.array([r["predicted_mib"] for r in rows])
+    top = max(measured.max(), predicted.max()) * 1.1
+    line = np.array([0, top])
+    ax.plot(line, line, color="gray", lw=1, label="prediction = measurement")
+    ax.fill_between(
+        line,
+        line * (1 - tolerance),
+        line * (1 + tolerance),
+        color="gray",
+        alpha=0.15,
+        label=f"+-{tolerance:.0%}",
+    )
+    ax.scatter(measured, predicted, zorder=3)
+    for r in rows:
+        ax.annotate(
+            r["label"],
+            (r["measured_mib"], r["predicted_mib"]),
+            fontsize=7,
+            xytext=(4, -8),
+            textcoords="offset points",
+        )
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("measured peak (MiB)")
+    ax.set_ylabel("predicted peak (MiB)")
+    ax.set_title("Memory estimator vs measurement")
+    ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def plot_memory_grid(
+    batch_sizes: Sequence[int], visual_tokens: Sequence[int], totals_gib, limit_gib: float, ax=None
+):
+    """Predicted peak memory against batch size, one line per visual-token cap, with the GPU's memory."""
+    fig, ax = _axes(ax)
+    for tokens, row in zip(visual_tokens, totals_gib):
+        ax.plot(batch_sizes, row, marker="o", label=f"{tokens} visual tokens")
+    ax.axhline(limit_gib, color="red", ls="--", lw=1, label=f"{limit_gib:.0f} GiB GPU")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    ax.set_xlabel("per-device batch size")
+    ax.set_ylabel("predicted peak memory (GiB)")
+    ax.set_title("Batch size x visual tokens")
+    ax.legend(fontsize=8)
+    return fig
