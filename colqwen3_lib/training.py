@@ -407,6 +407,7 @@ def loss_from_config(config: TrainConfig) -> ColbertContrastiveLoss:
 # ------------------------------------------------------------------------------------------ hf trainer
 
 StepHook = Callable[[int, Path | None], None]  # (global step, checkpoint just written or None)
+LogHook = Callable[[dict], None]  # each logged entry: {"step", "loss", "lr"} or {"step", "eval_loss"}
 
 
 def _hf_trainer_class():
@@ -435,15 +436,25 @@ def _hf_trainer_class():
     return ColQwen3Trainer
 
 
-def _hf_hook_callback(hook: StepHook):
+def _hf_hook_callback(hook: StepHook | None, on_log: LogHook | None):
     from transformers import TrainerCallback
 
     class HookCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            hook(state.global_step, None)
+            if hook:
+                hook(state.global_step, None)
 
         def on_save(self, args, state, control, **kwargs):
-            hook(state.global_step, Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
+            if hook:
+                hook(state.global_step, Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if on_log and logs and ("loss" in logs or "eval_loss" in logs):
+                entry = {"step": state.global_step}
+                entry.update({k: logs[k] for k in ("loss", "learning_rate", "eval_loss") if k in logs})
+                if "learning_rate" in entry:
+                    entry["lr"] = entry.pop("learning_rate")
+                on_log(entry)
 
     return HookCallback()
 
@@ -456,6 +467,7 @@ def train_hf(
     eval_set: PairDataset | None,
     resume: Path | None = None,
     hook: StepHook | None = None,
+    on_log: LogHook | None = None,
 ) -> dict:
     """Train with `ColQwen3Trainer`; returns the metrics (see `train`)."""
     from transformers import TrainingArguments
@@ -498,7 +510,7 @@ def train_hf(
         train_dataset=train_set,
         eval_dataset=eval_set,
         loss_fn=loss_from_config(config),
-        callbacks=[_hf_hook_callback(hook)] if hook else None,
+        callbacks=[_hf_hook_callback(hook, on_log)] if hook or on_log else None,
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -532,6 +544,7 @@ def train_torch_loop(
     eval_set: PairDataset | None,
     resume: Path | None = None,
     hook: StepHook | None = None,
+    on_log: LogHook | None = None,
 ) -> dict:
     """The same training as `train_hf`, as a plain loop on `accelerate`; returns the metrics."""
     from accelerate import Accelerator
@@ -612,11 +625,15 @@ def train_torch_loop(
             if step % config.logging_steps == 0:
                 history["train"].append({"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
                 logger.info(f"step {step}/{total_steps}  loss {mean_loss:.4f}")
+                if on_log:
+                    on_log(history["train"][-1])
             if eval_loader is not None and (step % config.eval_steps == 0 or step == total_steps):
                 history["eval"].append(
                     {"step": step, "eval_loss": _evaluate(model, eval_loader, loss_fn, accelerator)}
                 )
                 logger.info(f"step {step}  eval loss {history['eval'][-1]['eval_loss']:.4f}")
+                if on_log:
+                    on_log(history["eval"][-1])
             if hook:
                 hook(step, None)
             if step % config.save_steps == 0 and step < total_steps:
@@ -866,7 +883,9 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _train_once(config: TrainConfig, resume: Path | None, hook: StepHook | None) -> TrainResult:
+def _train_once(
+    config: TrainConfig, resume: Path | None, hook: StepHook | None, on_log: LogHook | None = None
+) -> TrainResult:
     from transformers import set_seed
 
     set_seed(config.seed)
@@ -883,7 +902,7 @@ def _train_once(config: TrainConfig, resume: Path | None, hook: StepHook | None)
             logger.warning(f"no evaluation: {err}")
     model, processor = build_model(config)
     run = train_hf if config.trainer == "hf" else train_torch_loop
-    metrics = run(config, model, processor, train_set, eval_set, resume=resume, hook=hook)
+    metrics = run(config, model, processor, train_set, eval_set, resume=resume, hook=hook, on_log=on_log)
     metrics["summary"].update(
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -895,7 +914,7 @@ def _train_once(config: TrainConfig, resume: Path | None, hook: StepHook | None)
     return TrainResult(Path(config.output_dir), model, processor, config, metrics)
 
 
-def train(config: TrainConfig, hook: StepHook | None = None) -> TrainResult:
+def train(config: TrainConfig, hook: StepHook | None = None, on_log: LogHook | None = None) -> TrainResult:
     """Train ColQwen3 contrastively and write the results to `config.output_dir`.
 
     Writes the LoRA adapter (or the full model), the processor, `training_config.json` (the
@@ -906,6 +925,8 @@ def train(config: TrainConfig, hook: StepHook | None = None) -> TrainResult:
         config: The settings.
         hook: Called after every optimizer step with (step, None), and after every checkpoint with
             (step, its path); raising from it stops training (tests use it to interrupt a run).
+        on_log: Called with each logged entry (`{"step", "loss", "lr"}` or `{"step", "eval_loss"}`),
+            e.g. to draw a live loss curve.
 
     Raises:
         FileExistsError: `output_dir` is not empty and this is not a resumed run.
@@ -924,7 +945,7 @@ def train(config: TrainConfig, hook: StepHook | None = None) -> TrainResult:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        result = _train_with_retries(config, resume, started_with, hook)
+        result = _train_with_retries(config, resume, started_with, hook, on_log)
     finally:
         torch.set_num_threads(threads)
     if _is_main_process():
@@ -933,7 +954,7 @@ def train(config: TrainConfig, hook: StepHook | None = None) -> TrainResult:
 
 
 def _train_with_retries(
-    config: TrainConfig, resume: Path | None, started_with: Path | None, hook
+    config: TrainConfig, resume: Path | None, started_with: Path | None, hook, on_log=None
 ) -> TrainResult:
     """Run `_train_once`; on out-of-memory, retry with half the batch (`auto_batch_size`) or explain."""
     while True:
@@ -946,7 +967,7 @@ def _train_with_retries(
             )
             _write_json(Path(config.output_dir) / CONFIG_FILE, resolved)
         try:
-            return _train_once(config, resume, hook)
+            return _train_once(config, resume, hook, on_log)
         except KeyboardInterrupt:
             last = latest_checkpoint(config.output_dir)
             logger.error(

@@ -130,10 +130,19 @@ def torch_run(tmp_path_factory):
 
 
 def test_the_two_trainers_train_the_same(tmp_path):
+    logged = {"hf": [], "torch": []}
     results = {
-        name: train(small_config(tmp_path / name, trainer=name, lora_dropout=0.0, max_steps=3, save_steps=10))
+        name: train(
+            small_config(tmp_path / name, trainer=name, lora_dropout=0.0, max_steps=3, save_steps=10),
+            on_log=logged[name].append,
+        )
         for name in ("hf", "torch")
     }
+    for name, result in results.items():  # the live log (for loss curves) is what metrics.json records
+        assert [e["step"] for e in logged[name]] == [1, 2, 3]
+        assert [e["loss"] for e in logged[name]] == pytest.approx(
+            [e["loss"] for e in result.metrics["train"]]
+        )
     hf_losses = [e["loss"] for e in results["hf"].metrics["train"]]
     torch_losses = [e["loss"] for e in results["torch"].metrics["train"]]
     assert len(hf_losses) == len(torch_losses) == 3
