@@ -1,12 +1,13 @@
-# Quick start: `make course` (runs the offline course) and `make test` (runs the test suite).
-# Both create .venv with the kit installed the first time they run.
+# Quick start: `make course` (runs the offline course) and `make test` (runs the test suite);
+# both create .venv with the kit installed the first time they run.
+# `make demo` is a one-minute end-to-end check; `make bench` prints the benchmarks.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= notebooks,eval,dev
 PYTEST_ARGS ?=
 
-.PHONY: install course test lint bench clean
+.PHONY: install course demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed-$(EXTRAS)
 
 course: install
+	$(BIN)/python -m colqwen3_lib.course --profile tiny --output-dir runs/tiny --no-progress
+
+demo: install
 	$(BIN)/python -m colqwen3_lib.demo
 
 test: install
@@ -30,6 +34,8 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_scoring.py
+	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_memory.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
