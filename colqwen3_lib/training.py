@@ -13,7 +13,6 @@ turns an out-of-memory error into advice (or, with `auto_batch_size`, into a sma
 from __future__ import annotations
 
 import dataclasses
-import gc
 import io
 import json
 import logging
@@ -32,6 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
 from .losses import LOSSES, ColbertContrastiveLoss, gather_with_grad
+from .memory import _free_memory, is_oom_error
 from .model import ColQwen3
 from .processor import ColQwen3Processor
 from .scoring import score_multi_vector
@@ -833,13 +833,6 @@ def _check_output_dir(config: TrainConfig) -> None:
     )
 
 
-def is_oom(err: BaseException) -> bool:
-    """Whether an exception is an out-of-memory error (CUDA, MPS, XPU or CPU allocator)."""
-    from accelerate.utils.memory import should_reduce_batch_size
-
-    return isinstance(err, torch.OutOfMemoryError) or should_reduce_batch_size(err)
-
-
 def oom_advice(config: TrainConfig, checkpoint: Path | None = None) -> str:
     """What ran out of memory and which settings to try next, most effective first."""
     batch, accum = config.per_device_train_batch_size, config.gradient_accumulation_steps
@@ -869,12 +862,6 @@ def oom_advice(config: TrainConfig, checkpoint: Path | None = None) -> str:
         else " No checkpoint was written yet."
     )
     return state + " Try, in this order: " + "; ".join(tries or ["a GPU with more memory"]) + "." + where
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _write_json(path: Path, data) -> None:
@@ -980,7 +967,7 @@ def _train_with_retries(
             )
             raise
         except Exception as err:
-            if not is_oom(err):
+            if not is_oom_error(err):
                 raise
             _free_memory()
             last = latest_checkpoint(config.output_dir)
