@@ -1,6 +1,6 @@
 """ColQwen3 course and reproducibility kit.
 
-    from colqwen3_lib import ColQwen3, ColQwen3Processor
+from colqwen3_lib import ColQwen3, ColQwen3Processor
 """
 
 from .evaluation import VIDORE_V1_TASKS, evaluate_model, load_model

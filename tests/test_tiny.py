@@ -106,7 +106,9 @@ def test_random_model_builds_the_real_architecture_without_a_download():
     from colqwen3_lib.tiny import random_model
 
     model = random_model("2b", device="meta", dim=128)
-    n_backbone = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("custom_text_proj"))
+    n_backbone = sum(
+        p.numel() for name, p in model.named_parameters() if not name.startswith("custom_text_proj")
+    )
     assert n_backbone == 2_127_532_032  # lm_head is tied to the embeddings in the 2B model
     assert model.custom_text_proj.weight.shape == (128, 2048)
     assert model.dtype == torch.bfloat16
