@@ -18,6 +18,7 @@ from .training import (
     LATEST,
     NO_EVAL,
     TINY_DEFAULTS,
+    TINY_PAIRWISE_DEFAULTS,
     TrainConfig,
     TrainingOutOfMemoryError,
     default_config,
@@ -32,6 +33,8 @@ def _default(name: str) -> str:
     text = f"default: {_REFERENCE[name]}"
     if name in TINY_DEFAULTS:
         text += f"; tiny: {TINY_DEFAULTS[name]}"
+    if name in TINY_PAIRWISE_DEFAULTS:
+        text += f"; tiny with --loss pairwise: {TINY_PAIRWISE_DEFAULTS[name]}"
     return f"({text})"
 
 
@@ -58,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"cap on visual tokens per page; lower it (512) on OOM {_default('max_visual_tokens')}",
     )
     add("--lr", type=float, help=f"peak learning rate, linear warmup then decay {_default('lr')}")
+    add(
+        "--head-lr",
+        type=float,
+        help=f"learning rate of the new projection head custom_text_proj; unset: --lr {_default('head_lr')}",
+    )
     add(
         "--tau",
         type=float,

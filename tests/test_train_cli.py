@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from colqwen3_lib.train import build_parser, config_from_args, main
-from colqwen3_lib.training import TINY_DEFAULTS
+from colqwen3_lib.training import TINY_DEFAULTS, TINY_PAIRWISE_DEFAULTS
 
 REFERENCE_ARGUMENTS = {  # train_colqwen3_model.py's arguments and defaults, from its README
     "base_model_path": "Qwen/Qwen3-VL-2B-Instruct",
@@ -68,13 +68,29 @@ def test_tiny_defaults_apply_only_to_the_tiny_checkpoint_and_yield_to_flags():
     assert no_checkpointing.gradient_checkpointing is False and no_checkpointing.lr == 2e-4
 
 
+def test_tiny_pairwise_gets_its_own_defaults_and_flags_still_win():
+    pairwise = config_from_args(["--output-dir", "o", "--base-model-path", "tiny", "--loss", "pairwise"])
+    for name, value in {**TINY_DEFAULTS, **TINY_PAIRWISE_DEFAULTS}.items():
+        assert getattr(pairwise, name) == value, name
+    assert pairwise.head_lr != pairwise.lr
+    explicit = config_from_args(
+        ["--output-dir", "o", "--base-model-path", "tiny", "--loss", "pairwise", "--head-lr", "1e-3"]
+    )
+    assert explicit.head_lr == 1e-3 and explicit.lr == TINY_PAIRWISE_DEFAULTS["lr"]
+    # Only the tiny checkpoint's presets change with the loss: the reference defaults stay as they are.
+    real = config_from_args(["--output-dir", "o", "--loss", "pairwise"])
+    assert (real.lr, real.head_lr, real.per_device_train_batch_size) == (2e-4, None, 64)
+    ce = config_from_args(["--output-dir", "o", "--base-model-path", "tiny"])
+    assert ce.head_lr is None
+
+
 def test_help_explains_every_argument():
     text = " ".join(build_parser().format_help().split())  # unwrapped
     for flag in (
         "--output-dir", "--base-model-path", "--max-visual-tokens", "--lr", "--tau", "--trainer", "--loss",
         "--peft", "--per-device-train-batch-size", "--gradient-accumulation-steps", "--num-train-epochs",
         "--max-steps", "--train-dataset", "--eval-dataset", "--attn-implementation", "--lora-rank", "--seed",
-        "--resume-from-checkpoint", "--auto-batch-size",
+        "--resume-from-checkpoint", "--auto-batch-size", "--head-lr",
     ):  # fmt: skip
         assert flag in text, flag
     assert "default: 768" in text and "default: 0.0002" in text and "tiny: synthetic" in text

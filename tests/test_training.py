@@ -123,6 +123,29 @@ def test_a_non_empty_output_dir_is_never_overwritten(tmp_path):
 # ------------------------------------------------------------------------------------------ trainers
 
 
+@pytest.mark.parametrize("trainer", ["torch", "hf"])
+def test_head_lr_sets_the_heads_step_and_lr_the_lora_layers(tmp_path, trainer):
+    """Adam's first step moves every parameter by its learning rate (times the sign of its gradient)."""
+    from transformers import set_seed
+
+    config = small_config(
+        tmp_path / "run", trainer=trainer, lr=1e-4, head_lr=1e-2, max_steps=1, warmup_steps=0
+    )
+    set_seed(config.seed)  # the initial weights the run starts from
+    start = {
+        k: v.detach().clone()
+        for k, v in training.build_model(config)[0].named_parameters()
+        if v.requires_grad
+    }
+    trained = dict(train(config).model.named_parameters())
+    moved = {name: float((trained[name] - before).abs().max()) for name, before in start.items()}
+    head = [step for key, step in moved.items() if "custom_text_proj" in key]
+    lora = [step for key, step in moved.items() if "lora_" in key]
+    assert len(head) == 2 and len(lora) > 0
+    assert head == pytest.approx([1e-2] * 2, rel=0.01)
+    assert max(lora) == pytest.approx(1e-4, rel=0.01)
+
+
 @pytest.fixture(scope="module")
 def torch_run(tmp_path_factory):
     """An uninterrupted 4-step LoRA run of the torch loop (checkpoints at 2 and 4 would be kept)."""
@@ -402,13 +425,12 @@ def test_two_processes_see_each_others_pages_and_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["ce"])
+@pytest.mark.parametrize("loss", ["ce", "pairwise"])
 def test_the_tiny_model_learns_the_synthetic_pages(tmp_path, loss):
-    """Held-out NDCG@5 from near chance to >= 0.8 with the tiny defaults, within 3 minutes of CPU training.
+    """Held-out NDCG@5 from near chance to >= 0.8 with the tiny defaults (about 1 and 3 CPU minutes).
 
-    Only InfoNCE: from the random tiny checkpoint the pairwise loss collapses (every page scores the
-    same, loss log 2) whatever its learning rate or temperature; it needs a backbone that already
-    tells pages apart, as the real Qwen3-VL does.
+    Each loss with its own tiny defaults: pairwise takes 8 pages per step and a faster head
+    (`TINY_PAIRWISE_DEFAULTS`), without which its hardest negative collapses the random tiny model.
     """
     from transformers import set_seed
 
@@ -426,5 +448,4 @@ def test_the_tiny_model_learns_the_synthetic_pages(tmp_path, loss):
     result = train(config)
     after = ndcg(result.model, result.processor)
     assert before < 0.3
-    assert after >= 0.8
-    assert result.metrics["summary"]["train_seconds"] <= 180
+    assert after >= 0.8  # the time it takes is measured by benchmarks/bench_training.py, not here
