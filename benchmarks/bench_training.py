@@ -66,7 +66,8 @@ def run(loss: str, trainer: str, output_dir: Path, **overrides) -> dict:
         "train_seconds": summary["train_seconds"],
         "steps_per_second": summary["steps_per_second"],
         "settings": {
-            k: getattr(config, k) for k in ("per_device_train_batch_size", "max_visual_tokens", "lr", "tau")
+            k: getattr(config, k)
+            for k in ("per_device_train_batch_size", "max_visual_tokens", "lr", "head_lr", "tau", "max_steps")
         },
         "passed": after["mean"] >= TARGET_NDCG and summary["train_seconds"] <= MAX_TRAIN_SECONDS,
     }
@@ -78,11 +79,14 @@ def main() -> None:
     parser.add_argument("--trainer", default="torch", choices=["hf", "torch"])
     parser.add_argument("--max-steps", type=int, help="override the tiny default")
     parser.add_argument("--lr", type=float, help="override the tiny default")
+    parser.add_argument("--head-lr", type=float, help="override the tiny default")
     parser.add_argument("--warmup-steps", type=int, help="override the tiny default")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    overrides = {k: getattr(args, k) for k in ("max_steps", "lr", "warmup_steps") if getattr(args, k)}
+    overrides = {
+        k: getattr(args, k) for k in ("max_steps", "lr", "head_lr", "warmup_steps") if getattr(args, k)
+    }
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for loss in args.loss:
