@@ -138,7 +138,7 @@ def test_head_lr_sets_the_heads_step_and_lr_the_lora_layers(tmp_path, trainer):
         if v.requires_grad
     }
     trained = dict(train(config).model.named_parameters())
-    moved = {name: float((trained[name] - before).abs().max()) for name, before in start.items()}
+    moved = {name: float((trained[name].detach() - before).abs().max()) for name, before in start.items()}
     head = [step for key, step in moved.items() if "custom_text_proj" in key]
     lora = [step for key, step in moved.items() if "lora_" in key]
     assert len(head) == 2 and len(lora) > 0
