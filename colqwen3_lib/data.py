@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .tiny import cache_dir
 
 SYNTHETIC = "synthetic"
-SYNTHETIC_VERSION = 2
+SYNTHETIC_VERSION = 3
 COLOURS = {
     "red": (214, 39, 40),
     "blue": (31, 90, 200),
@@ -45,12 +45,12 @@ _TITLES = (
     "Figure values",
     "Report title",
 )
-_QUERY_TEMPLATES = (
-    "Which page shows a {colour} {kind}?",
+_QUERY_TEMPLATES = (  # each names all three attributes: one page per test set answers a query
+    "Which {orientation} page shows a {colour} {kind}?",
     "Find the {colour} {kind} in {orientation} layout",
     "{orientation} page with a {colour} {kind}",
-    "Where is the {kind} drawn in {colour}?",
-    "{colour} {kind}",
+    "Where is the {orientation} {kind} drawn in {colour}?",
+    "{colour} {kind}, {orientation}",
 )
 _WORDS = "total revenue sales costs budget summary annual quarterly values rows columns text".split()
 

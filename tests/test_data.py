@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from colqwen3_lib.data import COLOURS, KINDS, SYNTHETIC_TASKS, load_split, make_synthetic_docs
+from colqwen3_lib.data import COLOURS, KINDS, ORIENTATIONS, SYNTHETIC_TASKS, load_split, make_synthetic_docs
 
 TRAIN_COLUMNS = {
     "query",
@@ -39,12 +39,29 @@ def test_test_tasks_have_the_vidore_qa_schema_with_distractors(synthetic, task):
     assert len(set(rows["image_filename"])) == rows.num_rows  # every page distinct
 
 
+def _attributes(answer: str) -> tuple[str, str, str]:
+    colour = next(c for c in COLOURS if c in answer)
+    kind = next(k for k in KINDS if f" {k} " in f" {answer} ")
+    orientation = next(o for o in ORIENTATIONS if o in answer)
+    return colour, kind, orientation
+
+
 def test_queries_name_what_is_visible_on_their_page(synthetic):
     rows = load_split(synthetic["colpali_train_set"], "train")
     for query, answer in zip(rows["query"][:50], rows["answer"][:50]):
-        colour = next(c for c in COLOURS if c in answer)
-        kind = next(k for k in KINDS if f" {k} " in f" {answer} ")
-        assert colour in query.lower() and kind in query.lower()
+        assert all(attribute in query.lower() for attribute in _attributes(answer)), (query, answer)
+
+
+@pytest.mark.parametrize("task", SYNTHETIC_TASKS)
+def test_each_test_query_is_answered_by_its_page_alone(synthetic, task):
+    """A QA test set has one relevant page per query: no other page may match what the query asks for."""
+    rows = load_split(synthetic[task], "test")
+    pages = [_attributes(answer) for answer in rows["answer"]]
+    for query, page in zip(rows["query"], pages):
+        if query is None:
+            continue
+        matches = [p for p in pages if all(attribute in query.lower() for attribute in p)]
+        assert matches == [page], query
 
 
 def test_the_main_colour_dominates_the_page(synthetic):
