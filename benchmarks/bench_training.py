@@ -4,7 +4,7 @@ For each loss, prints held-out NDCG@5 on the synthetic ViDoRe-style test tasks b
 training, a summary of the loss curve, and steps per second. The course's bar: NDCG@5 from near
 chance to at least 0.8 within 3 minutes of training.
 
-    COLQWEN3_CACHE=/tmp/cq python benchmarks/bench_training.py [--loss ce pairwise] [--trainer torch]
+    COLQWEN3_CACHE=/tmp/cq python benchmarks/bench_training.py [--loss ce pairwise] [--trainer torch] [--seed 1]
 """
 
 from __future__ import annotations
@@ -81,11 +81,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="override the tiny default")
     parser.add_argument("--head-lr", type=float, help="override the tiny default")
     parser.add_argument("--warmup-steps", type=int, help="override the tiny default")
+    parser.add_argument("--seed", type=int, help="override the tiny default (0)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     overrides = {
-        k: getattr(args, k) for k in ("max_steps", "lr", "head_lr", "warmup_steps") if getattr(args, k)
+        k: getattr(args, k)
+        for k in ("max_steps", "lr", "head_lr", "warmup_steps", "seed")
+        if getattr(args, k) is not None
     }
     results = []
     with tempfile.TemporaryDirectory() as tmp:
