@@ -3,14 +3,17 @@
 from colqwen3_lib import ColQwen3, ColQwen3Processor
 """
 
-from .evaluation import VIDORE_V1_TASKS, evaluate_model, load_model
+from .config import TrainConfig, default_config
+from .evaluation import evaluate_model
 from .losses import ColbertContrastiveLoss
-from .memory import TrainingSetup, estimate_memory, suggest_settings
-from .model import ColQwen3, resolve_attn_implementation
+from .memory import TrainingSetup, estimate_memory
+from .model import ColQwen3, load_model, random_model, resolve_attn_implementation
+from .oom import find_batch_size, oom_advice, suggest_settings
 from .processor import ColQwen3Processor
 from .scoring import score_multi_vector
+from .tasks import VIDORE_V1_TASKS
 from .tiny import make_tiny_checkpoint, resolve_model_path
-from .training import TrainConfig, default_config, train
+from .training import train
 
 __all__ = [
     "VIDORE_V1_TASKS",
@@ -22,8 +25,11 @@ __all__ = [
     "default_config",
     "estimate_memory",
     "evaluate_model",
+    "find_batch_size",
     "load_model",
     "make_tiny_checkpoint",
+    "oom_advice",
+    "random_model",
     "resolve_attn_implementation",
     "resolve_model_path",
     "score_multi_vector",

@@ -12,19 +12,9 @@ import time
 import torch
 
 from .data import load_split
+from .evaluation import embed_images, embed_queries
 from .model import ColQwen3
 from .processor import ColQwen3Processor
-
-
-@torch.inference_mode()
-def embed(model: ColQwen3, batches) -> list[torch.Tensor]:
-    """Embed processed batches; return one (n_tokens, dim) tensor per item, padding removed."""
-    out = []
-    for batch in batches:
-        batch = batch.to(model.device)
-        emb = model(**batch)  # (batch, seq_len, dim)
-        out.extend(e[m.bool()].float().cpu() for e, m in zip(emb, batch["attention_mask"]))
-    return out
 
 
 def run(model_path: str, dataset: str, n_queries: int, max_visual_tokens: int, batch_size: int) -> list[dict]:
@@ -36,11 +26,8 @@ def run(model_path: str, dataset: str, n_queries: int, max_visual_tokens: int, b
     queries = [(q, f) for q, f in zip(rows["query"], rows["image_filename"]) if q is not None][:n_queries]
 
     start = time.perf_counter()
-    page_batches = (
-        processor.process_images(pages[i : i + batch_size]["image"]) for i in range(0, len(pages), batch_size)
-    )
-    page_embs = embed(model, page_batches)
-    query_embs = embed(model, [processor.process_queries([q for q, _ in queries])])
+    page_embs = embed_images(model, processor, list(pages["image"]), batch_size)
+    query_embs = embed_queries(model, processor, [q for q, _ in queries])
     scores = processor.score(query_embs, page_embs)  # (n_queries, n_pages)
     elapsed = time.perf_counter() - start
 

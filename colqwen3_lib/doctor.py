@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .reference import LORA_RANK, MAX_VISUAL_TOKENS
+
 OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
 DISTRIBUTION = "colqwen3-lib"
 CHECKED_PACKAGES = ("torch", "torchvision", "transformers", "peft", "accelerate", "datasets")
@@ -91,20 +93,28 @@ class DoctorReport:
                 if self.gpu_memory_gib
                 else "this machine (no CUDA GPU)"
             )
-            lines += ["", f"Recommended settings on {where} (bf16, LoRA r=32, 768 visual tokens, {self.attention}, "
-                      "gradient checkpointing):"]  # fmt: skip
-            header = f"{'model':<6} {'batch':>5} {'needs':>9}  verdict"
-            lines += [header, "-" * len(header)]
-            for v in self.verdicts:
-                lines.append(
-                    f"{v['model']:<6} {v['batch']:>5} {v['needs_gib']:>5.1f} GiB  {v['verdict']}: {v['detail']}"
-                )
+            lines += ["", verdicts_table(self.verdicts, where, self.attention)]
         lines += [
             "",
             "Result: "
             + ("OK" if self.ok else f"{len(self.failures)} hard failure(s): fix the FAIL lines above"),
         ]
         return "\n".join(lines)
+
+
+def verdicts_table(verdicts: list[dict], where: str, attention: str = "flash_attention_2") -> str:
+    """`oom.recommended_verdicts` rows as a table: does each of the reference's recommended settings fit `where`?"""
+    lines = [
+        f"Recommended settings on {where} (bf16, LoRA r={LORA_RANK}, {MAX_VISUAL_TOKENS} visual tokens, "
+        f"{attention}, gradient checkpointing):"
+    ]
+    header = f"{'model':<6} {'batch':>5} {'needs':>9}  verdict"
+    lines += [header, "-" * len(header)]
+    for v in verdicts:
+        lines.append(
+            f"{v['model']:<6} {v['batch']:>5} {v['needs_gib']:>5.1f} GiB  {v['verdict']}: {v['detail']}"
+        )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- individual checks
@@ -255,8 +265,8 @@ def check_attention(devices: list[dict]) -> tuple[Check, str]:
 
 def checkpoint_bytes(size: str) -> int:
     """Bytes of a Qwen3-VL-Instruct checkpoint on the hub (bf16 weights, lm_head included when untied)."""
+    from .architectures import real_config
     from .memory import count_parameters
-    from .tiny import real_config
 
     config = real_config(size)
     params = count_parameters(config).base
@@ -381,7 +391,7 @@ def run_doctor(tiny: bool = True, hub_timeout: float = HUB_TIMEOUT_S) -> DoctorR
         tiny: Also load and run the offline tiny checkpoint (built on first use, ~10 s).
         hub_timeout: Seconds the hub check may take.
     """
-    from .memory import recommended_verdicts
+    from .oom import recommended_verdicts
 
     report = DoctorReport()
     report.checks.append(check_python())

@@ -14,6 +14,11 @@ import sys
 import time
 
 from . import evaluation as ev
+from . import results as rs
+from .model import ATTENTION_IMPLEMENTATIONS, load_model
+from .reference import MAX_VISUAL_TOKENS
+from .synthetic import SYNTHETIC
+from .tasks import SPLIT, VIDORE_V1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,12 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--datasets",
         nargs="+",
-        default=[ev.SYNTHETIC],
-        help=f"ViDoRe hub ids, local dataset paths, `{ev.SYNTHETIC}` (default: the offline test sets) or "
-        f"`{ev.VIDORE_V1}` (the ten ViDoRe v1 tasks); space- or comma-separated",
+        default=[SYNTHETIC],
+        help=f"ViDoRe hub ids, local dataset paths, `{SYNTHETIC}` (default: the offline test sets) or "
+        f"`{VIDORE_V1}` (the ten ViDoRe v1 tasks); space- or comma-separated",
     )
     parser.add_argument("--output-dir", help="where the result files go (required to evaluate)")
-    parser.add_argument("--split", default=ev.SPLIT)
+    parser.add_argument("--split", default=SPLIT)
     parser.add_argument("--batch-size", type=int, default=ev.BATCH_SIZE, help="pages per forward pass")
     parser.add_argument("--query-batch-size", type=int, default=ev.QUERY_BATCH_SIZE)
     parser.add_argument(
@@ -40,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-visual-tokens",
         type=int,
-        help=f"visual tokens per page (default: the trained processor's, else {ev.DEFAULT_MAX_VISUAL_TOKENS})",
+        help=f"visual tokens per page (default: the trained processor's, else {MAX_VISUAL_TOKENS})",
     )
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    parser.add_argument("--attn-implementation", choices=("flash_attention_2", "sdpa", "eager"))
+    parser.add_argument("--attn-implementation", choices=ATTENTION_IMPLEMENTATIONS)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument(
         "--compare",
@@ -60,17 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.compare:
-            rows = ev.compare_results(*args.compare)
-            print(ev.markdown_table(rows))
+            rows = rs.compare_results(*args.compare)
+            print(rs.markdown_table(rows))
             if args.output_dir:
-                print(f"\nwrote {ev.write_comparison(rows, args.output_dir)} (and .csv)")
+                print(f"\nwrote {rs.write_comparison(rows, args.output_dir)} (and .csv)")
             return 0
         if not args.model_path or not args.output_dir:
             parser.error(
                 "--model-path and --output-dir are needed to evaluate (or use --compare BEFORE AFTER)"
             )
         start = time.perf_counter()
-        model, processor = ev.load_model(
+        model, processor = load_model(
             args.model_path,
             adapter=args.adapter,
             max_visual_tokens=args.max_visual_tokens,
@@ -98,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": str(next(model.parameters()).dtype),
             "seconds": round(time.perf_counter() - start, 2),
         }
-        path = ev.write_results(results, args.output_dir, metadata)
+        path = rs.write_results(results, args.output_dir, metadata)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(ev.markdown_table(ev.summary_rows(results)))
+    print(rs.markdown_table(rs.summary_rows(results)))
     print(f"\nwrote {path}, one JSON per task and summary.csv/.md in {args.output_dir}")
     return 0
 

@@ -11,7 +11,8 @@ Both take optional explicit hard negatives (one extra page per query); the hard-
 softplus((score(q, hard negative) - score(q, positive)) / tau) is blended with the in-batch term.
 
 In multi-process training, pass the pages of every process (`gather_with_grad`) and the position
-of this process's first query among them (`offset = rank * local batch`).
+of this process's first query among them (`offset = rank * local batch`); `contrastive_loss` does
+this for a collated training batch (`query_*`, `doc_*` and optional `neg_doc_*` keys).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_TAU = 0.02
+from .reference import TAU as DEFAULT_TAU
+
 LOSSES = ("ce", "pairwise")
 LossName = Literal["ce", "pairwise"]
 
@@ -173,3 +175,21 @@ class ColbertContrastiveLoss(nn.Module):
         )
         hard = F.softplus(neg - pos).mean()
         return (1 - self.hard_negative_weight) * loss + self.hard_negative_weight * hard
+
+
+def sub_batch(inputs: dict, prefix: str) -> dict:
+    """The part of a collated batch whose keys start with `prefix`, without the prefix."""
+    return {key[len(prefix) :]: value for key, value in inputs.items() if key.startswith(prefix)}
+
+
+def contrastive_loss(model: nn.Module, inputs: dict, loss_fn: ColbertContrastiveLoss) -> torch.Tensor:
+    """Embed a collated batch and score every query against every page of every process.
+
+    Pages are gathered across processes with gradients, so each query has world_size * batch - 1
+    in-batch negatives; its own page sits at offset rank * batch.
+    """
+    queries = model(**sub_batch(inputs, "query_"))  # (batch, q_tokens, dim)
+    pages = model(**sub_batch(inputs, "doc_"))  # (batch, p_tokens, dim)
+    all_pages, offset = gather_with_grad(pages)  # (world * batch, max_p_tokens, dim)
+    hard_negatives = model(**sub_batch(inputs, "neg_doc_")) if "neg_doc_input_ids" in inputs else None
+    return loss_fn(queries, all_pages, offset, hard_negatives)

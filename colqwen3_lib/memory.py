@@ -1,10 +1,11 @@
-"""How much memory does a ColQwen3 training step need, and what to do when it does not fit.
+"""How much memory does a ColQwen3 training step need: the estimator.
 
 `estimate_memory` predicts the peak memory of one training step (forward of a batch of queries
 and a batch of pages, in-batch contrastive loss, backward, AdamW step) from the model's config
 alone, by counting what is resident and what autograd saves for backward:
 
-- weights: every parameter, in the model dtype (LoRA adapters in float32, as peft keeps them);
+- weights: every parameter, in the model dtype (LoRA adapters in float32, as peft keeps them; the
+  head trained in full is a second copy of `custom_text_proj`, as `lora.lora_config` makes it);
 - trainable + optimizer: AdamW keeps two states per trainable parameter, in its dtype;
 - gradients: one per trainable parameter, alive after backward and during the optimizer step;
 - activations: the tensors saved for backward, counted per token and per layer (below);
@@ -26,50 +27,37 @@ I MLP width, a bytes per activation element):
   all heads under a padding mask), a (4h + 3q + 3k + 4I) with flash_attention_2;
 - LoRA (frozen base weights save nothing for their own gradients): attention tensors plus
   3 MLP intermediates, a (4q + 3I) (sdpa), plus per adapted projection of input width w the
-  dropout output (float32) and its mask (1 byte on CUDA, 4 on CPU): (4 + mask)(5h + q + I);
+  dropout output (float32) and its mask (1 byte on CUDA, 4 on CPU): (4 + mask)(5h + q + I); the
+  LoRA targets are those of `lora.lora_config`, the configuration training uses;
 - eager attention also stores the float32 softmax (and its copy in the model dtype): heads x seq.
 Gradient checkpointing keeps only each layer's input (a h) and recomputes one layer at a time.
 The vision tower runs on patches (4 per visual token); with LoRA nothing in it needs gradients,
 so it saves nothing. Pages are `max_visual_tokens + 20` tokens, queries `query_len + 10`.
+
+What to do when it does not fit is in `oom.py`; measuring a real step, to check this, in `measure.py`.
 """
 
 from __future__ import annotations
 
 import functools
-import gc
-import logging
-import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from .architectures import MODEL_SIZES, real_config
+from .lora import HEAD_TRAINED_IN_FULL, LORA_PROJECTIONS
+from .model import ATTENTION_IMPLEMENTATIONS
+from .processor import N_QUERY_AUGMENTATION_TOKENS
+from .reference import BATCH_SIZE, EMBEDDING_DIM, LORA_RANK, MAX_VISUAL_TOKENS
 
 GIB = 2**30
-MODEL_SIZES = ("tiny", "2b", "4b", "8b")
 PAGE_PROMPT_TOKENS = 20  # chat-template tokens around a page's visual tokens
-QUERY_AUGMENTATION_TOKENS = 10
 PATCHES_PER_VISUAL_TOKEN = 4  # a 2x2 block of 16-px patches merges into one visual token
-LORA_TARGETS = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "custom_text_proj",
-)
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
-ATTENTION = ("flash_attention_2", "sdpa", "eager")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _FP32 = 4
 _LORA_BYTES = 4  # peft keeps adapter weights (and so their inputs) in float32
-
-# The reference README's recommended per-device batches: 2B 64; 4B 32-48; 8B 16-32 (both ends).
-RECOMMENDED = (("2b", 64), ("4b", 48), ("4b", 32), ("8b", 32), ("8b", 16))
 
 
 @dataclass(frozen=True)
@@ -77,9 +65,10 @@ class TrainingSetup:
     """One ColQwen3 training configuration, as far as memory is concerned.
 
     Args:
-        model_size: `tiny`, `2b`, `4b` or `8b` (the published architectures, no download).
+        model_size: `tiny`, `2b`, `4b` or `8b` (the published architectures, no download); None for
+            another architecture (then only `estimate_memory(setup, config=...)` can estimate it).
         dtype: Model dtype: `bfloat16`, `float16` or `float32`.
-        lora: LoRA on the language model's projections and `custom_text_proj` (else full fine-tuning).
+        lora: LoRA as training applies it (`lora.lora_config`), else full fine-tuning.
         lora_rank: LoRA rank r.
         optimizer: `adamw` (two states per trainable parameter), `sgd_momentum` (one) or `sgd` (none).
         batch_size: Per-device batch: this many queries and this many pages per step.
@@ -92,26 +81,30 @@ class TrainingSetup:
         embedding_dim: Size of the multi-vector embeddings.
     """
 
-    model_size: str = "2b"
+    model_size: str | None = "2b"
     dtype: str = "bfloat16"
     lora: bool = True
-    lora_rank: int = 32
+    lora_rank: int = LORA_RANK
     optimizer: str = "adamw"
-    batch_size: int = 64
-    max_visual_tokens: int = 768
+    batch_size: int = BATCH_SIZE
+    max_visual_tokens: int = MAX_VISUAL_TOKENS
     query_len: int = 20
     gradient_checkpointing: bool = True
     attn_implementation: str = "flash_attention_2"
     device: str = "cuda"
-    embedding_dim: int = 128
+    embedding_dim: int = EMBEDDING_DIM
 
     def __post_init__(self):
         if self.dtype not in _DTYPE_BYTES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(_DTYPE_BYTES)}")
         if self.optimizer not in OPTIMIZER_STATES:
             raise ValueError(f"optimizer={self.optimizer!r} is not one of {sorted(OPTIMIZER_STATES)}")
-        if self.attn_implementation not in ATTENTION:
-            raise ValueError(f"attn_implementation={self.attn_implementation!r} is not one of {ATTENTION}")
+        if self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={self.attn_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        if self.model_size is not None and self.model_size.lower() not in MODEL_SIZES:
+            raise ValueError(f"model_size={self.model_size!r} is not one of {MODEL_SIZES} (or None)")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device={self.device!r} must be 'cuda' or 'cpu'")
         for name in ("batch_size", "max_visual_tokens", "query_len", "lora_rank"):
@@ -243,6 +236,8 @@ def _bytes(dtype: str | torch.dtype) -> int:
 
 def model_shape(model_size_or_config) -> Shape:
     """The `Shape` of a model size (`tiny`, `2b`, `4b`, `8b`) or of a `Qwen3VLConfig`."""
+    if model_size_or_config is None:
+        raise ValueError("no architecture: give a model size (tiny, 2b, 4b, 8b) or a Qwen3VLConfig")
     if isinstance(model_size_or_config, str):
         return _published_shape(model_size_or_config.lower())
     return Shape.from_config(model_size_or_config)
@@ -250,19 +245,17 @@ def model_shape(model_size_or_config) -> Shape:
 
 @functools.cache
 def _published_shape(size: str) -> Shape:
-    from .tiny import real_config
-
     return Shape.from_config(real_config(size))
 
 
 def count_parameters(
-    model_size_or_config, lora_rank: int | None = None, embedding_dim: int = 128
+    model_size_or_config, lora_rank: int | None = None, embedding_dim: int = EMBEDDING_DIM
 ) -> ParameterCount:
     """Count a ColQwen3's parameters from its config (no weights are built).
 
     Args:
         model_size_or_config: `tiny`, `2b`, `4b`, `8b`, or a `Qwen3VLConfig`.
-        lora_rank: Also count LoRA adapters of this rank on `LORA_TARGETS`.
+        lora_rank: Also count the LoRA adapters of this rank that `lora.lora_config` adds.
         embedding_dim: Output size of `custom_text_proj`.
     """
     s = model_shape(model_size_or_config)
@@ -281,8 +274,18 @@ def count_parameters(
     )
     lora = 0
     if lora_rank:
-        widths = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
-        lora = s.layers * sum(lora_rank * (i + o) for i, o in widths) + lora_rank * (h + embedding_dim)
+        widths = {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, inter),
+            "up_proj": (h, inter),
+            "down_proj": (inter, h),
+        }
+        lora = s.layers * sum(lora_rank * sum(widths[name]) for name in LORA_PROJECTIONS)
+        if not HEAD_TRAINED_IN_FULL:
+            lora += lora_rank * (h + embedding_dim)
     return ParameterCount(
         embedding=s.vocab * h,
         text_layers=s.layers * per_layer + h,
@@ -319,9 +322,11 @@ def _text_extra_bytes(s: Shape, setup: TrainingSetup, seq: int) -> int:
     """Per token, outside the decoder layers: final norm, head, normalisation, ids, rotary tables, mask."""
     a = _bytes(setup.dtype)
     h, dim = s.hidden, setup.embedding_dim
-    if setup.lora:
+    if setup.lora and not HEAD_TRAINED_IN_FULL:
         mask = 1 if setup.device == "cuda" else _LORA_BYTES
         head = (_LORA_BYTES + mask) * h + setup.lora_rank * _LORA_BYTES
+    elif setup.lora:
+        head = a * h  # the trained head's input, for its weight gradient
     else:
         head = 2 * a * h
     ids = 8 * 5  # input ids, attention mask, 3 M-RoPE position ids (int64)
@@ -380,22 +385,25 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
     # Resident: frozen weights; trainable parameters and their optimizer states.
     n_states = OPTIMIZER_STATES[setup.optimizer]
     if setup.lora:
+        head = params.head if HEAD_TRAINED_IN_FULL else 0  # trained in full: a copy, in the model dtype
         weights = a * params.base
-        trainable_params, p_bytes = params.lora, _LORA_BYTES
-        largest_trainable = max(s.hidden, s.intermediate) * setup.lora_rank
-        text_grads = params.lora * p_bytes
+        trainable_params = params.lora + head
+        trainable_bytes = params.lora * _LORA_BYTES + head * a  # one copy of everything trained
+        largest_trainable = max(max(s.hidden, s.intermediate) * setup.lora_rank * _LORA_BYTES, head * a)
+        text_grads = trainable_bytes
     else:
         weights = 0
-        trainable_params, p_bytes = params.base, a
-        largest_trainable = params.embedding
-        text_grads = (params.text_layers + params.head) * p_bytes
-    trainable = trainable_params * p_bytes * (1 + n_states)
-    all_gradients = trainable_params * p_bytes
+        trainable_params = params.base
+        trainable_bytes = params.base * a
+        largest_trainable = params.embedding * a
+        text_grads = (params.text_layers + params.head) * a
+    trainable = trainable_bytes * (1 + n_states)
+    all_gradients = trainable_bytes
 
     # Text activations: queries and pages are two forward passes, both kept for the loss.
     b = setup.batch_size
     seq_p = setup.max_visual_tokens + PAGE_PROMPT_TOKENS
-    seq_q = setup.query_len + QUERY_AUGMENTATION_TOKENS
+    seq_q = setup.query_len + N_QUERY_AUGMENTATION_TOKENS
     layer = _text_layer_bytes(s, setup)
     per_layer = {seq: layer + _attention_matrix_bytes(s.heads, seq, setup) for seq in (seq_p, seq_q)}
 
@@ -426,9 +434,9 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
     if setup.optimizer == "sgd":
         optimizer_ws = 0
     elif setup.device == "cuda":
-        optimizer_ws = trainable_params * p_bytes  # foreach AdamW: sqrt(exp_avg_sq) of every parameter
+        optimizer_ws = trainable_bytes  # foreach AdamW: sqrt(exp_avg_sq) of every parameter
     else:
-        optimizer_ws = 2 * largest_trainable * p_bytes  # one parameter at a time: sqrt, then its quotient
+        optimizer_ws = 2 * largest_trainable  # one parameter at a time: sqrt, then its quotient
 
     # (gradients, activations, workspace) alive at each moment of the step.
     activations = text_q + text_p + pixels + loss + vision_saved
@@ -455,454 +463,3 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
         all_gradients=all_gradients,
         phases={name: weights + trainable + v for name, v in totals.items()},
     )
-
-
-@dataclass(frozen=True)
-class Suggestion:
-    """Settings that fit a memory budget: per-device batch, accumulation steps, and their estimate."""
-
-    batch_size: int
-    gradient_accumulation_steps: int
-    effective_batch_size: int
-    estimate: MemoryEstimate | None
-    fits: bool
-    note: str
-
-    def as_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "estimate"}
-        out["estimated_gib"] = None if self.estimate is None else round(self.estimate.total_gib, 2)
-        return out
-
-
-def largest_batch_size(
-    memory_bytes: float, setup: TrainingSetup | None = None, limit: int = 4096, **overrides
-) -> int:
-    """The largest per-device batch whose estimated peak stays under `memory_bytes` (0 if none)."""
-    setup = replace(setup or TrainingSetup(), **overrides)
-    if estimate_memory(setup, batch_size=1).total > memory_bytes:
-        return 0
-    low, high = 1, limit
-    while low < high:  # peak grows with the batch: bisect
-        mid = (low + high + 1) // 2
-        if estimate_memory(setup, batch_size=mid).total <= memory_bytes:
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
-def gradient_accumulation_steps(
-    effective_batch_size: int, per_device_batch_size: int, num_devices: int = 1
-) -> int:
-    """Accumulation steps so that per_device x devices x steps reaches `effective_batch_size`."""
-    if per_device_batch_size < 1 or num_devices < 1:
-        raise ValueError("per_device_batch_size and num_devices must be at least 1")
-    return max(1, math.ceil(effective_batch_size / (per_device_batch_size * num_devices)))
-
-
-def suggest_settings(
-    memory_gib: float,
-    setup: TrainingSetup | None = None,
-    effective_batch_size: int | None = None,
-    num_devices: int = 1,
-    headroom: float = 0.9,
-    **overrides,
-) -> Suggestion:
-    """The largest per-device batch that fits `memory_gib`, and the accumulation keeping the effective batch.
-
-    In-batch negatives come from the per-device batch, so a smaller batch with accumulation trains
-    a (slightly) different objective than the recommended one; the note says so.
-
-    Args:
-        memory_gib: Memory of one device (e.g. 80 for an H100 80GB).
-        setup: The configuration; its `batch_size` is the wanted per-device batch.
-        effective_batch_size: Batch to keep per optimizer step; default: `setup.batch_size` x devices.
-        num_devices: Data-parallel devices.
-        headroom: Share of the memory the estimate may use (CUDA context, allocator fragmentation).
-        **overrides: Fields of `TrainingSetup` to change.
-    """
-    setup = replace(setup or TrainingSetup(), **overrides)
-    wanted = effective_batch_size or setup.batch_size * num_devices
-    budget = memory_gib * GIB * headroom
-    batch = min(largest_batch_size(budget, setup), setup.batch_size)
-    if batch == 0:
-        estimate = estimate_memory(setup, batch_size=1)
-        note = (
-            f"does not fit: batch 1 needs ~{estimate.total_gib:.1f} GiB of {memory_gib:.0f} GiB; "
-            + ("enable gradient checkpointing, " if not setup.gradient_checkpointing else "")
-            + ("use LoRA, " if not setup.lora else "")
-            + "lower max_visual_tokens or use a smaller model"
-        )
-        return Suggestion(0, 0, 0, estimate, False, note)
-    per_device = math.ceil(wanted / num_devices)
-    divisor = max(d for d in range(1, batch + 1) if per_device % d == 0)
-    if batch < setup.batch_size and divisor * 2 > batch:
-        batch = divisor  # e.g. 32 x 2 rather than 63 x 2: the effective batch stays exactly as wanted
-    steps = gradient_accumulation_steps(wanted, batch, num_devices)
-    estimate = estimate_memory(setup, batch_size=batch)
-    if batch >= setup.batch_size:
-        note = "fits"
-    else:
-        note = (
-            f"needs gradient accumulation: batch {batch} x {steps} steps"
-            + (f" x {num_devices} devices" if num_devices > 1 else "")
-            + f" for an effective {batch * steps * num_devices} (in-batch negatives: {batch} per step)"
-        )
-    return Suggestion(batch, steps, batch * steps * num_devices, estimate, True, note)
-
-
-def recommended_verdicts(memory_gib: float | None, **overrides) -> list[dict]:
-    """Fits / needs gradient accumulation / does not fit, for each of the reference README's settings.
-
-    Args:
-        memory_gib: Memory of the GPU to judge; None when there is no GPU (nothing fits).
-        **overrides: `TrainingSetup` fields shared by every row (default: bf16, LoRA r=32,
-            768 visual tokens, flash_attention_2, gradient checkpointing).
-    """
-    rows = []
-    for size, batch in RECOMMENDED:
-        setup = TrainingSetup(model_size=size, batch_size=batch, **overrides)
-        needed = estimate_memory(setup)
-        row = {"model": size, "batch": batch, "needs_gib": round(needed.total_gib, 1)}
-        if memory_gib is None:
-            row.update(verdict="does not fit", detail="no CUDA GPU: real-size training needs one")
-        else:
-            s = suggest_settings(memory_gib, setup, effective_batch_size=batch)
-            verdict = (
-                "fits"
-                if s.fits and s.batch_size >= batch
-                else ("needs grad. accumulation" if s.fits else "does not fit")
-            )
-            row.update(
-                verdict=verdict,
-                detail=s.note,
-                batch_that_fits=s.batch_size,
-                accumulation=s.gradient_accumulation_steps,
-            )
-        rows.append(row)
-    return rows
-
-
-# ---------------------------------------------------------------- surviving out-of-memory errors
-
-T = TypeVar("T")
-
-
-def is_oom_error(error: BaseException) -> bool:
-    """True for an out-of-memory error from CUDA, MPS, XPU or the CPU allocator."""
-    from accelerate.utils.memory import should_reduce_batch_size
-
-    return isinstance(error, torch.OutOfMemoryError) or should_reduce_batch_size(error)
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def find_batch_size(
-    fn: Callable[[int], T], start_batch_size: int, min_batch_size: int = 1, factor: float = 0.5
-) -> tuple[int, T]:
-    """Call `fn(batch_size)`, shrinking the batch after each out-of-memory error until it runs.
-
-    The equivalent of `accelerate.utils.find_executable_batch_size`, but it returns the batch size
-    that worked, logs every retry, and raises a readable error when even `min_batch_size` fails.
-    `fn` must free what it allocated when it raises (keep model, optimizer and batch local to it, or
-    reuse them: a failed attempt's activations are released here before the retry).
-
-    Args:
-        fn: Runs the work (e.g. one training step, or the whole training) at a batch size.
-        start_batch_size: First batch size to try.
-        min_batch_size: Smallest batch size to try.
-        factor: Multiplier applied after each failure (0.5 halves it).
-
-    Returns:
-        (the batch size that ran, what `fn` returned).
-
-    Raises:
-        torch.OutOfMemoryError: even `min_batch_size` runs out of memory (message: `oom_advice`).
-    """
-    if not 0 < factor < 1:
-        raise ValueError(f"factor must be between 0 and 1, got {factor}")
-    batch_size = start_batch_size
-    while True:
-        try:
-            return batch_size, fn(batch_size)
-        except Exception as error:
-            if not is_oom_error(error):
-                raise
-            del error  # drop the traceback's references to the failed step's tensors
-            _free_memory()
-            if batch_size <= min_batch_size:
-                raise torch.OutOfMemoryError(oom_advice(batch_size=batch_size)) from None
-            smaller = max(min_batch_size, int(batch_size * factor))
-            logger.warning(f"out of memory at batch size {batch_size}; retrying with {smaller}")
-            batch_size = smaller
-
-
-def oom_advice(
-    setup: TrainingSetup | None = None, memory_gib: float | None = None, batch_size: int | None = None
-) -> str:
-    """What to change after an out-of-memory error, most effective first.
-
-    Args:
-        setup: The configuration that ran out of memory (adds an estimate and a suggested batch).
-        memory_gib: The device's memory (default: the current CUDA device's, if any).
-        batch_size: The per-device batch that failed, if `setup` is not given.
-    """
-    if memory_gib is None and torch.cuda.is_available():
-        memory_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
-    batch = setup.batch_size if setup is not None else batch_size
-    lines = [f"Out of memory{f' at per-device batch size {batch}' if batch else ''}. What helps, most first:"]
-    if setup is not None and memory_gib is not None:
-        estimate = estimate_memory(setup)
-        suggestion = suggest_settings(memory_gib, setup)
-        lines.append(f"  (estimated peak {estimate.total_gib:.1f} GiB on a {memory_gib:.0f} GiB device)")
-        if suggestion.fits:
-            lines.append(
-                f"- --per-device-train-batch-size {suggestion.batch_size} with --gradient-accumulation-steps "
-                f"{suggestion.gradient_accumulation_steps} keeps the effective batch of {setup.batch_size}"
-            )
-    lines += [
-        f"- reduce the batch size (--per-device-train-batch-size {max(1, (batch or 64) // 2)}) and raise "
-        "--gradient-accumulation-steps to match, or let --auto-batch-size find one",
-        "- keep gradient checkpointing on (the default; drop --no-gradient-checkpointing)",
-        "- use LoRA: --peft (frozen base weights need no gradients or optimizer states)",
-        "- reduce max visual tokens: --max-visual-tokens 512",
-        "- use --attn-implementation flash_attention_2 (pip install flash-attn --no-build-isolation), not eager",
-        "See `python -m colqwen3_lib.doctor` for what fits this machine.",
-    ]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- measuring a real training step
-
-
-def synthetic_batch(
-    config, batch_size: int, max_visual_tokens: int, query_len: int, device: str | torch.device = "cpu"
-) -> tuple[dict, dict]:
-    """A batch of pages and one of queries shaped exactly like `ColQwen3Processor` output, with random content.
-
-    Pages have `max_visual_tokens` image tokens (the last page one row fewer, so that the batch is
-    padded as in training) and 20 prompt tokens; queries have `query_len` tokens (the last one 3
-    fewer) and 10 augmentation tokens. Pixel values are padded per page to (batch, patches, pixels).
-    """
-    from .tiny import SPECIAL_TOKENS
-
-    v = config.vision_config
-    rows = max(d for d in range(1, int(max_visual_tokens**0.5) + 1) if max_visual_tokens % d == 0)
-    cols = max_visual_tokens // rows
-    merge = v.spatial_merge_size
-    grids = [
-        (rows - (1 if i == batch_size - 1 and batch_size > 1 and rows > 1 else 0), cols)
-        for i in range(batch_size)
-    ]
-    g = torch.Generator().manual_seed(0)
-
-    def left_pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(map(len, seqs))
-        ids = torch.tensor([[SPECIAL_TOKENS["<|endoftext|>"]] * (longest - len(s)) + s for s in seqs])
-        mask = torch.tensor([[0] * (longest - len(s)) + [1] * len(s) for s in seqs])
-        return ids.to(device), mask.to(device)
-
-    filler = torch.randint(100, 5000, (PAGE_PROMPT_TOKENS,), generator=g).tolist()
-    pages = [
-        [SPECIAL_TOKENS["<|im_start|>"], *filler[:2], SPECIAL_TOKENS["<|vision_start|>"]]
-        + [config.image_token_id] * (r * c)
-        + [
-            SPECIAL_TOKENS["<|vision_end|>"],
-            *filler[2:15],
-            SPECIAL_TOKENS["<|im_end|>"],
-            SPECIAL_TOKENS["<|endoftext|>"],
-        ]
-        for r, c in grids
-    ]
-    ids, mask = left_pad(pages)
-    grid_thw = torch.tensor([[1, r * merge, c * merge] for r, c in grids])
-    n_patches = grid_thw.prod(dim=1)
-    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
-    pixels = torch.zeros(batch_size, int(n_patches.max()), patch_dim)
-    for i, n in enumerate(n_patches.tolist()):
-        pixels[i, :n] = torch.randn(n, patch_dim, generator=g)
-    page_batch = dict(
-        input_ids=ids,
-        attention_mask=mask,
-        mm_token_type_ids=(ids == config.image_token_id).long(),
-        pixel_values=pixels.to(device),
-        image_grid_thw=grid_thw.to(device),
-    )
-
-    queries = [
-        torch.randint(
-            100,
-            5000,
-            (query_len - (3 if i == batch_size - 1 and batch_size > 1 and query_len > 3 else 0),),
-            generator=g,
-        ).tolist()
-        + [SPECIAL_TOKENS["<|endoftext|>"]] * QUERY_AUGMENTATION_TOKENS
-        for i in range(batch_size)
-    ]
-    q_ids, q_mask = left_pad(queries)
-    return page_batch, dict(input_ids=q_ids, attention_mask=q_mask, mm_token_type_ids=torch.zeros_like(q_ids))
-
-
-def build_training_model(setup: TrainingSetup, config=None, device: str | torch.device = "cpu"):
-    """A ColQwen3 with random weights, prepared for training as `setup` says (LoRA, checkpointing, attention)."""
-    import copy
-
-    from .model import ColQwen3
-    from .tiny import real_config
-
-    config = copy.deepcopy(config) if config is not None else real_config(setup.model_size)
-    config.embedding_dim = setup.embedding_dim
-    config._attn_implementation = setup.attn_implementation
-    with torch.device(device):
-        model = ColQwen3(config)
-    model = model.to(dtype=getattr(torch, setup.dtype))
-    if setup.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    if setup.lora:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=setup.lora_rank, lora_alpha=setup.lora_rank, lora_dropout=0.1, target_modules=list(LORA_TARGETS)
-        )
-        model = get_peft_model(model, lora)
-    return model.train()
-
-
-def _live_bytes(*objects) -> int:
-    """Bytes of the distinct storages of the tensors in `objects` (modules, optimizers, dicts, tensors)."""
-    seen: dict[int, int] = {}
-
-    def add(t):
-        if isinstance(t, torch.Tensor):
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-        elif isinstance(t, dict):
-            for v in t.values():
-                add(v)
-        elif isinstance(t, list | tuple):
-            for v in t:
-                add(v)
-
-    for obj in objects:
-        if isinstance(obj, torch.nn.Module):
-            add(list(obj.parameters()) + list(obj.buffers()))
-        elif isinstance(obj, torch.optim.Optimizer):
-            add(list(obj.state.values()))
-        else:
-            add(obj)
-    return sum(seen.values())
-
-
-def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak bytes allocated by `fn` above what was allocated when it started, on the CPU.
-
-    The profiler's memory events (`profile_memory=True`) report every allocation and free of the
-    CPU allocator with the allocator's running total: the CPU's equivalent of CUDA's
-    `max_memory_allocated`, counting every tensor torch allocates (kernel-internal oneDNN scratch
-    space excepted).
-    """
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-
-    def walk(nodes):
-        for node in nodes:
-            if node.tag == _EventType.Allocation:
-                events.append(
-                    (node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated)
-                )
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    if not events:
-        return 0
-    events.sort()
-    start = events[0][2] - events[0][1]
-    return max(total for _, _, total in events) - start
-
-
-def measure_training_step(setup: TrainingSetup, config=None, steps: int = 2, seed: int = 0) -> int:
-    """Measured peak memory (bytes) of a real ColQwen3 training step, random weights, no download.
-
-    Runs `steps` steps (forward of queries and pages, `ColbertContrastiveLoss`, backward, AdamW step,
-    `zero_grad(set_to_none=True)`) and measures the last one, when the optimizer states exist:
-    `torch.cuda.max_memory_allocated` on CUDA; on the CPU, the bytes resident before the step
-    (weights, optimizer states, the batch) plus the allocator's peak during it (`_cpu_peak_bytes`).
-
-    Args:
-        setup: The configuration (`setup.device` picks CPU or CUDA).
-        config: A `Qwen3VLConfig` instead of the published `setup.model_size` architecture.
-        steps: Steps to run (the first creates the optimizer states).
-        seed: Seed for the random weights.
-    """
-    from .losses import ColbertContrastiveLoss
-
-    if setup.optimizer != "adamw":
-        raise ValueError("measure_training_step runs AdamW; set optimizer='adamw'")
-    device = torch.device(setup.device)
-    torch.manual_seed(seed)
-    model = build_training_model(setup, config, device)
-    base_config = model.config
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    loss_fn = ColbertContrastiveLoss()
-    pages, queries = synthetic_batch(
-        base_config, setup.batch_size, setup.max_visual_tokens, setup.query_len, device
-    )
-
-    def step():
-        query_embeddings = model(**queries)  # (batch, query_tokens, dim)
-        page_embeddings = model(**pages)  # (batch, page_tokens, dim)
-        loss = loss_fn(query_embeddings, page_embeddings)
-        del page_embeddings, query_embeddings
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(steps - 1):
-        step()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        resident = _live_bytes(model, optimizer, pages, queries)
-        peak = resident + _cpu_peak_bytes(step)
-    model = optimizer = None  # release the weights before the next measurement
-    _free_memory()
-    return peak
-
-
-def scaled_config(
-    hidden: int = 512,
-    intermediate: int = 1536,
-    layers: int = 4,
-    vision_hidden: int = 256,
-    vision_depth: int = 4,
-):
-    """The 2B architecture shrunk (same vocabulary, head size, GQA ratio, DeepStack layout) for CPU measurements."""
-    from .tiny import real_config
-
-    config = real_config("2b")
-    text, vision = config.text_config, config.vision_config
-    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, intermediate, layers
-    text.num_attention_heads = hidden // text.head_dim
-    text.num_key_value_heads = max(1, text.num_attention_heads // 2)
-    vision.hidden_size, vision.intermediate_size, vision.depth = (
-        vision_hidden,
-        4 * vision_hidden,
-        vision_depth,
-    )
-    vision.num_heads = vision_hidden // 64
-    vision.deepstack_visual_indexes = list(range(min(3, vision_depth)))
-    vision.out_hidden_size = hidden
-    return config

@@ -1,4 +1,9 @@
-"""ColQwen3: a Qwen3-VL backbone whose last hidden states are projected to multi-vector embeddings."""
+"""ColQwen3: a Qwen3-VL backbone whose last hidden states are projected to multi-vector embeddings.
+
+Also here: how a model is loaded (`ColQwen3.from_pretrained`, and `load_model` with a LoRA adapter
+checked against its base), which attention kernel and dtype it runs with, `random_model` (a published
+architecture with random weights), and `embed_batch` (a processed batch -> one embedding per item).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,15 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.models.qwen3_vl import Qwen3VLConfig, Qwen3VLModel
 
+from .architectures import real_config
+from .processor import ColQwen3Processor
+from .reference import EMBEDDING_DIM, MAX_VISUAL_TOKENS
 from .tiny import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DIM = 128
 HEAD = "custom_text_proj"
+ATTENTION_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
 # A Qwen3-VL-Instruct checkpoint stores the backbone under `model.`; ColQwen3 holds it at the top level.
 INSTRUCT_KEY_MAPPING = {r"^model\.visual": "visual", r"^model\.language_model": "language_model"}
 FLASH_ATTN_HINT = (
@@ -28,13 +36,44 @@ FLASH_ATTN_HINT = (
 )
 
 
+def use_bf16(device: str | torch.device | None = None) -> bool:
+    """Whether to run in bf16: on a CUDA device that supports it (default: the current one, if any)."""
+    if device is not None and torch.device(device).type != "cuda":
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bf16 where `use_bf16`, else float32."""
+    return torch.bfloat16 if use_bf16(device) else torch.float32
+
+
+def device_of(device_map) -> torch.device:
+    """Where `from_pretrained(device_map=...)` puts a model: the CPU when no device_map is given."""
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, dict):
+        places = [
+            torch.device("cuda", v) if isinstance(v, int) else torch.device(v)
+            for v in device_map.values()
+            if v != "disk"
+        ]
+        return next((p for p in places if p.type == "cuda"), torch.device("cpu"))
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device_map)
+
+
 def resolve_attn_implementation(requested: str | None, device: str | torch.device | None = None) -> str:
     """Pick the attention kernel: flash_attention_2 -> sdpa -> eager, logging which and why.
 
     Args:
         requested: What the caller asked for (`flash_attention_2`, `sdpa`, `eager`, or None for the
             best available).
-        device: Where the model will run; defaults to CUDA when available, else CPU.
+        device: Where the model will run; None means the CPU (where a model loaded without a
+            device_map stays).
 
     Returns:
         The implementation to pass to transformers.
@@ -42,13 +81,12 @@ def resolve_attn_implementation(requested: str | None, device: str | torch.devic
     Raises:
         ValueError: `requested` is not one of the three names.
     """
-    choices = ("flash_attention_2", "sdpa", "eager")
-    if requested is not None and requested not in choices:
-        raise ValueError(f"attn_implementation={requested!r} is not one of {choices}")
-    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if requested is not None and requested not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={requested!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    device = torch.device(device if device is not None else "cpu")
     if requested in (None, "flash_attention_2"):
-        if not on_cuda:
-            reason = "flash_attention_2 needs a CUDA GPU and none is in use"
+        if device.type != "cuda":
+            reason = f"flash_attention_2 needs a CUDA GPU and the model goes to the {device.type.upper()}"
         elif importlib.util.find_spec("flash_attn") is None:
             reason = f"the flash-attn package is not installed ({FLASH_ATTN_HINT})"
         elif torch.cuda.get_device_capability(device) < (8, 0):
@@ -97,7 +135,7 @@ class ColQwen3(Qwen3VLModel):
 
     def __init__(self, config: Qwen3VLConfig, mask_non_image_embeddings: bool = False):
         super().__init__(config)
-        self.dim = int(getattr(config, "embedding_dim", DEFAULT_DIM))
+        self.dim = int(getattr(config, "embedding_dim", EMBEDDING_DIM))
         config.embedding_dim = self.dim
         self.custom_text_proj = nn.Linear(config.text_config.hidden_size, self.dim)
         self.mask_non_image_embeddings = mask_non_image_embeddings
@@ -125,7 +163,8 @@ class ColQwen3(Qwen3VLModel):
                 shape of its saved head), else 128.
             mask_non_image_embeddings: See the class docstring.
             attn_implementation: `flash_attention_2`, `sdpa` or `eager`; flash-attn falls back to
-                sdpa with one warning when it cannot run.
+                sdpa with one warning when it cannot run where the model goes (`device_map`; the CPU
+                without one).
             **kwargs: Passed to `transformers.PreTrainedModel.from_pretrained` (`torch_dtype`/`dtype`,
                 `device_map`, `revision`, ...).
 
@@ -143,15 +182,15 @@ class ColQwen3(Qwen3VLModel):
             config = AutoConfig.from_pretrained(path, **config_kwargs)
         if dim is None:
             dim = getattr(config, "embedding_dim", None) or (os.path.isdir(path) and _dim_in_checkpoint(path))
-        config.embedding_dim = int(dim or DEFAULT_DIM)
+        config.embedding_dim = int(dim or EMBEDDING_DIM)
         kwargs.setdefault("key_mapping", INSTRUCT_KEY_MAPPING)
-        device = kwargs.get("device_map")
-        device = device if isinstance(device, (str, torch.device)) and device != "auto" else None
         model, info = super().from_pretrained(
             path,
             *model_args,
             config=config,
-            attn_implementation=resolve_attn_implementation(attn_implementation, device),
+            attn_implementation=resolve_attn_implementation(
+                attn_implementation, device_of(kwargs.get("device_map"))
+            ),
             output_loading_info=True,
             **kwargs,
         )
@@ -216,3 +255,192 @@ class ColQwen3(Qwen3VLModel):
     @property
     def spatial_merge_size(self) -> int:
         return self.config.vision_config.spatial_merge_size
+
+
+def random_model(
+    size: str,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    dim: int = EMBEDDING_DIM,
+) -> ColQwen3:
+    """A ColQwen3 with the published `size` architecture and random weights, for memory/speed measurements."""
+    config = real_config(size)
+    config.embedding_dim = dim
+    with torch.device(device):
+        model = ColQwen3(config)
+    return model.to(dtype=dtype)
+
+
+def embed_batch(model: torch.nn.Module, batch) -> list[torch.Tensor]:
+    """Run the model on a processed batch: each item's (n_tokens, dim) embeddings, padding removed, on the CPU."""
+    batch = batch.to(next(model.parameters()).device)
+    embeddings = model(**batch)  # (batch, seq_len, dim)
+    mask = batch["attention_mask"].bool()  # (batch, seq_len)
+    return [e[m].cpu() for e, m in zip(embeddings, mask)]
+
+
+# ------------------------------------------------------------------ loading a model and an adapter
+
+
+def _config_of(path: str) -> dict | None:
+    config = Path(path) / "config.json"
+    if not config.exists():
+        return None
+    data = json.loads(config.read_text())
+    for key in (
+        "_name_or_path",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "architectures",
+        "embedding_dim",
+    ):
+        data.pop(key, None)
+    return data
+
+
+def _same_base(adapter_base: str, model_path: str) -> bool:
+    """Whether an adapter's recorded base model is the checkpoint at `model_path` (by path, hub id or config)."""
+    if not adapter_base:
+        return True
+    names = [adapter_base, model_path]
+    resolved = [
+        os.path.normpath(resolve_model_path(n)) if n == "tiny" else os.path.normpath(n) for n in names
+    ]
+    if resolved[0] == resolved[1]:
+        return True
+    configs = [_config_of(r) for r in resolved]
+    if configs[0] is not None and configs[1] is not None:
+        return configs[0] == configs[1]
+    # A hub id against a local copy of it (a plain folder, or the HF cache's models--owner--name/snapshots/...).
+    hub, local = (names[0], resolved[1]) if configs[0] is None else (names[1], resolved[0])
+    hub_name = hub.rstrip("/").split("/")[-1].lower()
+    local_lower = local.lower()
+    return (
+        local_lower.rstrip("/").split("/")[-1] == hub_name
+        or f"models--{hub.replace('/', '--')}".lower() in local_lower
+    )
+
+
+def check_adapter(adapter_dir: str | os.PathLike, model: torch.nn.Module, model_path: str) -> dict:
+    """Check that a PEFT adapter fits a base model before loading it.
+
+    Returns:
+        The adapter's config (`adapter_config.json`).
+
+    Raises:
+        ValueError: not an adapter directory, trained on another base model, or weights whose
+            shapes or modules do not exist in `model`.
+    """
+    from safetensors import safe_open
+
+    adapter_dir = Path(adapter_dir)
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.exists():
+        raise ValueError(
+            f"{adapter_dir} is not a PEFT adapter directory: it has no adapter_config.json "
+            "(pass the folder written by PeftModel.save_pretrained, or give a full model with --model-path)"
+        )
+    config = json.loads(config_file.read_text())
+    base = config.get("base_model_name_or_path") or ""
+    if not _same_base(base, model_path):
+        raise ValueError(
+            f"adapter {adapter_dir} was trained on {base!r}, but the base model is {model_path!r}; "
+            f"pass --model-path {base} (or a local copy of that checkpoint)"
+        )
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.exists():
+        raise ValueError(
+            f"adapter {adapter_dir} has no adapter_model.safetensors; save it with safe_serialization"
+        )
+    modules = dict(model.named_modules())
+    problems = []
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            shape = tuple(f.get_slice(key).get_shape())
+            name = key.removeprefix("base_model.model.")
+            for marker, axis, attr in ((".lora_A.", 1, "in_features"), (".lora_B.", 0, "out_features")):
+                if marker in name:
+                    module_name = name.split(marker)[0]
+                    module = modules.get(module_name)
+                    if module is None:
+                        problems.append(f"{module_name} (no such module)")
+                    elif hasattr(module, attr) and getattr(module, attr) != shape[axis]:
+                        problems.append(
+                            f"{module_name}: adapter {attr} {shape[axis]} != model {getattr(module, attr)}"
+                        )
+                    break
+            else:  # a fully saved module (modules_to_save), e.g. custom_text_proj.weight
+                module_name, _, param = name.rpartition(".")
+                module = modules.get(module_name)
+                tensor = getattr(module, param, None) if module is not None else None
+                if tensor is None:
+                    problems.append(f"{name} (no such parameter)")
+                elif tuple(tensor.shape) != shape:
+                    problems.append(f"{name}: adapter shape {list(shape)} != model {list(tensor.shape)}")
+    if problems:
+        raise ValueError(
+            f"adapter {adapter_dir} does not fit the base model {model_path!r}: {len(problems)} mismatch(es), e.g. "
+            + "; ".join(problems[:3])
+            + ". Load the base model the adapter was trained on (and the same embedding dim)"
+        )
+    return config
+
+
+def load_model(
+    model_path: str,
+    adapter: str | os.PathLike | None = None,
+    max_visual_tokens: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    seed: int = 0,
+):
+    """Load a ColQwen3 (and optionally a LoRA adapter, merged) with its processor, ready to evaluate.
+
+    Args:
+        model_path: Hub id, local checkpoint or `tiny`.
+        adapter: Directory of a PEFT adapter saved by `PeftModel.save_pretrained`.
+        max_visual_tokens: Visual tokens per page. None keeps the cap of a processor saved with the
+            adapter or the fine-tuned model, and uses 768 on a base checkpoint's processor.
+        device: Default: CUDA when available, else CPU.
+        dtype: Default: bf16 on a GPU that supports it, else float32.
+        attn_implementation: See `ColQwen3.from_pretrained`.
+        seed: Seeds a head that the checkpoint lacks, so that an untrained model evaluates reproducibly.
+
+    Returns:
+        (model in eval mode, processor).
+
+    Raises:
+        ValueError: the adapter does not fit the base model.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    model = ColQwen3.from_pretrained(
+        model_path,
+        dtype=dtype or default_dtype(device),
+        attn_implementation=attn_implementation,
+        device_map={"": device} if device.type == "cuda" else None,
+    )
+    new_head = any(k.startswith(HEAD) for k in model.loading_info["missing_keys"])
+    processor_dir = resolve_model_path(model_path)
+    trained = not new_head
+    if adapter is not None:
+        config = check_adapter(adapter, model, str(model_path))
+        if new_head and HEAD not in (config.get("modules_to_save") or []):
+            logger.warning(
+                f"the base model has no {HEAD} and adapter {adapter} does not save one (modules_to_save): "
+                "its embeddings come from a freshly initialised head, not the one it was trained with"
+            )
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(f"adapter {adapter} could not be loaded onto {model_path!r}: {err}") from err
+        if any((Path(adapter) / f).exists() for f in ("processor_config.json", "preprocessor_config.json")):
+            processor_dir, trained = str(adapter), True
+    processor = ColQwen3Processor.from_pretrained(processor_dir)
+    if max_visual_tokens is not None or not trained:
+        processor.set_max_num_visual_tokens(max_visual_tokens or MAX_VISUAL_TOKENS)
+    return model.to(device).eval(), processor

@@ -1,12 +1,10 @@
-"""Offline stand-ins for the real Qwen3-VL checkpoints.
+"""The offline stand-in for a real Qwen3-VL checkpoint, and the `tiny` sentinel that selects it.
 
 `make_tiny_checkpoint` writes a miniature Qwen3-VL-Instruct checkpoint in the hub's file layout
 (config, safetensors saved from `Qwen3VLForConditionalGeneration`, a Qwen tokenizer with the real
 special-token ids, image/video processor configs, a chat template), so that the exact code that
-loads `Qwen/Qwen3-VL-2B-Instruct` can be exercised with no network.
-
-`real_config` / `random_model` build the published 2B/4B/8B architectures with random weights,
-for memory and speed measurements without a download.
+loads `Qwen/Qwen3-VL-2B-Instruct` can be exercised with no network. `resolve_model_path("tiny")`
+builds it once per cache and returns its folder.
 """
 
 from __future__ import annotations
@@ -20,149 +18,10 @@ from pathlib import Path
 
 import torch
 
-TINY = "tiny"
+from .architectures import SPECIAL_TOKENS, TINY, real_config_dict
+
 CACHE_ENV = "COLQWEN3_CACHE"
-REAL_MODEL_IDS = {
-    "2b": "Qwen/Qwen3-VL-2B-Instruct",
-    "4b": "Qwen/Qwen3-VL-4B-Instruct",
-    "8b": "Qwen/Qwen3-VL-8B-Instruct",
-}
 TINY_VERSION = 1  # bump when the tiny checkpoint's contents change, so caches rebuild
-
-# Qwen2/Qwen3 special tokens at their real ids (vocab_size stays 151936, as in the real models).
-SPECIAL_TOKENS = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<|object_ref_start|>": 151646,
-    "<|object_ref_end|>": 151647,
-    "<|box_start|>": 151648,
-    "<|box_end|>": 151649,
-    "<|quad_start|>": 151650,
-    "<|quad_end|>": 151651,
-    "<|vision_start|>": 151652,
-    "<|vision_end|>": 151653,
-    "<|vision_pad|>": 151654,
-    "<|image_pad|>": 151655,
-    "<|video_pad|>": 151656,
-}
-VOCAB_SIZE = 151936
-
-_TOKEN_IDS = {
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653,
-}
-
-# Published config values of the Qwen3-VL-Instruct checkpoints (config.json on the hub).
-_ARCHITECTURES = {
-    "2b": dict(
-        text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
-        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, deepstack_visual_indexes=[5, 11, 17]),
-        tie=True,
-    ),
-    "4b": dict(
-        text=dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32),
-        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, deepstack_visual_indexes=[5, 11, 17]),
-        tie=True,
-    ),
-    "8b": dict(
-        text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32),
-        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, deepstack_visual_indexes=[8, 16, 24]),
-        tie=False,
-    ),
-    TINY: dict(
-        text=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            rope_scaling={"mrope_interleaved": True, "mrope_section": [4, 2, 2], "rope_type": "default"},
-        ),
-        vision=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            deepstack_visual_indexes=[0, 1],
-        ),
-        tie=True,
-    ),
-}
-
-
-def real_config_dict(size: str) -> dict:
-    """The `config.json` contents of a Qwen3-VL-Instruct checkpoint (`tiny`, `2b`, `4b` or `8b`)."""
-    size = size.lower()
-    if size not in _ARCHITECTURES:
-        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(_ARCHITECTURES)}")
-    arch = _ARCHITECTURES[size]
-    text = {
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "head_dim": 128,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "max_position_embeddings": 262144,
-        "model_type": "qwen3_vl_text",
-        "num_key_value_heads": 8,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"},
-        "rope_theta": 5000000,
-        "tie_word_embeddings": arch["tie"],
-        "use_cache": True,
-        "vocab_size": VOCAB_SIZE,
-        **arch["text"],
-    }
-    vision = {
-        "hidden_act": "gelu_pytorch_tanh",
-        "in_channels": 3,
-        "initializer_range": 0.02,
-        "model_type": "qwen3_vl",
-        "num_heads": 16,
-        "num_position_embeddings": 2304,
-        "out_hidden_size": text["hidden_size"],
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        **arch["vision"],
-    }
-    return {
-        "architectures": ["Qwen3VLForConditionalGeneration"],
-        "model_type": "qwen3_vl",
-        "text_config": text,
-        "vision_config": vision,
-        "tie_word_embeddings": arch["tie"],
-        **_TOKEN_IDS,
-    }
-
-
-def real_config(size: str):
-    """A `Qwen3VLConfig` with the published architecture of `size` (no download)."""
-    from transformers import Qwen3VLConfig
-
-    return Qwen3VLConfig(**copy.deepcopy(real_config_dict(size)))
-
-
-def random_model(
-    size: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", dim: int = 128
-):
-    """A ColQwen3 with the real `size` architecture and random weights, for memory/speed measurements."""
-    from .model import ColQwen3
-
-    config = real_config(size)
-    config.embedding_dim = dim
-    with torch.device(device):
-        model = ColQwen3(config)
-    return model.to(dtype=dtype)
-
-
-# ---------------------------------------------------------------- the tiny checkpoint on disk
 
 # Words the synthetic pages and queries use; each becomes one BPE token so queries stay short.
 _WORDS = (

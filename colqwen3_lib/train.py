@@ -12,18 +12,11 @@ import argparse
 import logging
 import sys
 
-from .training import (
-    DEFAULT_BASE_MODEL,
-    DEFAULT_TRAIN_DATASET,
-    LATEST,
-    NO_EVAL,
-    TINY_DEFAULTS,
-    TINY_PAIRWISE_DEFAULTS,
-    TrainConfig,
-    TrainingOutOfMemoryError,
-    default_config,
-    train,
-)
+from .config import LATEST, NO_EVAL, TINY_DEFAULTS, TINY_PAIRWISE_DEFAULTS, TrainConfig, default_config
+from .model import ATTENTION_IMPLEMENTATIONS
+from .oom import TrainingOutOfMemoryError
+from .reference import BASE_MODEL, TRAIN_DATASET
+from .training import train
 
 _REFERENCE = {f.name: f.default for f in TrainConfig.__dataclass_fields__.values()}
 
@@ -52,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--base-model-path",
-        default=DEFAULT_BASE_MODEL,
-        help=f"Qwen3-VL(-Instruct) or ColQwen3 checkpoint: hub id, local path, or `tiny` for the offline test checkpoint (default: {DEFAULT_BASE_MODEL})",
+        default=BASE_MODEL,
+        help=f"Qwen3-VL(-Instruct) or ColQwen3 checkpoint: hub id, local path, or `tiny` for the offline test checkpoint (default: {BASE_MODEL})",
     )
     add(
         "--max-visual-tokens",
@@ -107,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup-steps", type=int, help=f"linear learning-rate warmup {_default('warmup_steps')}")
     add(
         "--train-dataset",
-        help=f"hub id, local dataset directory, or `synthetic` for the offline synthetic pages; needs `query` and `image` columns, optional `neg_image` hard negatives (default: {DEFAULT_TRAIN_DATASET}; tiny: synthetic)",
+        help=f"hub id, local dataset directory, or `synthetic` for the offline synthetic pages; needs `query` and `image` columns, optional `neg_image` hard negatives (default: {TRAIN_DATASET}; tiny: synthetic)",
     )
     add(
         "--eval-dataset",
@@ -115,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--attn-implementation",
-        choices=["flash_attention_2", "sdpa", "eager"],
+        choices=ATTENTION_IMPLEMENTATIONS,
         help="attention kernel (default: flash_attention_2 when installed on a GPU, else sdpa)",
     )
     add(

@@ -1,0 +1,211 @@
+"""Training settings: `TrainConfig` (the reference recipe's defaults), the tiny presets, and what a run
+resolves at start (bf16, processes, the evaluation batch), plus the shape of what it reports.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .architectures import TINY
+from .losses import LOSSES, ColbertContrastiveLoss
+from .memory import TrainingSetup
+from .model import ATTENTION_IMPLEMENTATIONS, use_bf16
+from .reference import (
+    BASE_MODEL,
+    BATCH_SIZE,
+    EVAL_STEPS,
+    LORA_DROPOUT,
+    LORA_RANK,
+    LR,
+    MAX_VISUAL_TOKENS,
+    MODEL_IDS,
+    NUM_TRAIN_EPOCHS,
+    SAVE_STEPS,
+    TAU,
+    TRAIN_DATASET,
+    WARMUP_STEPS,
+)
+
+TRAINERS = ("hf", "torch")
+NO_EVAL = "none"
+LATEST = "latest"
+CONFIG_FILE = "training_config.json"
+METRICS_FILE = "metrics.json"
+
+StepHook = Callable[[int, Path | None], None]  # (global step, checkpoint just written or None)
+LogHook = Callable[[dict], None]  # each logged entry: {"step", "loss", "lr"} or {"step", "eval_loss"}
+
+# What learns the synthetic pages fastest with the 2-layer tiny checkpoint on a laptop CPU: small
+# pages, a high learning rate, no gradient checkpointing (it only recomputes a 2-layer model).
+TINY_DEFAULTS = dict(
+    train_dataset="synthetic",
+    max_visual_tokens=32,
+    per_device_train_batch_size=32,
+    lr=5e-3,
+    num_train_epochs=1.0,
+    max_steps=300,
+    warmup_steps=10,
+    logging_steps=1,
+    eval_steps=50,
+    save_steps=50,
+    gradient_checkpointing=False,
+    cache_pages=True,
+    num_threads=1,  # its matrices are too small to split across threads: one thread is fastest
+)
+# The pairwise loss on the tiny checkpoint. Its hardest negative is, at first, just the page whose random
+# features happen to score highest; among 31 pages that noise beats the positive by a wide margin, and the
+# quickest way to shrink it is to send every embedding to one direction (all scores tie, loss log 2). With 7
+# in-batch negatives the noise is smaller, and a head that learns 10x faster than the LoRA layers finds
+# the real signal (colour, kind) before the backbone collapses. More, smaller steps: the same time as ce.
+TINY_PAIRWISE_DEFAULTS = dict(
+    per_device_train_batch_size=8,
+    lr=7e-4,
+    head_lr=7e-3,
+    max_steps=1800,
+    eval_steps=300,
+    save_steps=300,
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting, with the reference ColQwen3 recipe's defaults (see `python -m colqwen3_lib.train -h`)."""
+
+    output_dir: str
+    base_model_path: str = BASE_MODEL
+    max_visual_tokens: int = MAX_VISUAL_TOKENS
+    lr: float = LR
+    head_lr: float | None = None  # learning rate of custom_text_proj; None: lr
+    tau: float = TAU
+    trainer: str = "hf"
+    loss: str = "ce"
+    peft: bool = False
+    lora_rank: int = LORA_RANK
+    lora_alpha: int | None = None  # None: equal to lora_rank
+    lora_dropout: float = LORA_DROPOUT
+    per_device_train_batch_size: int = BATCH_SIZE
+    per_device_eval_batch_size: int | None = None  # None: the training batch size
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = NUM_TRAIN_EPOCHS
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    warmup_steps: int = WARMUP_STEPS
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    train_dataset: str = TRAIN_DATASET
+    eval_dataset: str | None = None  # None: the training set's `test` split; "none": no evaluation
+    attn_implementation: str | None = None  # None: flash_attention_2 -> sdpa -> eager
+    gradient_checkpointing: bool = True
+    bf16: bool | None = None  # None: on when the GPU supports it
+    dataloader_num_workers: int = 0
+    cache_pages: bool = False  # keep processed pages in memory across epochs (small datasets only)
+    num_threads: int | None = None  # CPU threads for torch; None: torch's default
+    logging_steps: int = 1
+    eval_steps: int = EVAL_STEPS
+    save_steps: int = SAVE_STEPS
+    save_total_limit: int = 2
+    seed: int = 0
+    resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
+    auto_batch_size: bool = False
+    hard_negative_weight: float = 0.5
+
+    def __post_init__(self):
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer={self.trainer!r} is not one of {TRAINERS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not one of {LOSSES}")
+        for name in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_visual_tokens",
+            "lora_rank",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
+            raise ValueError(f"learning rates must be positive, got lr={self.lr}, head_lr={self.head_lr}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set max_steps > 0 or num_train_epochs > 0: as given, there is nothing to train")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation={self.attn_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+
+    @property
+    def bf16_enabled(self) -> bool:
+        """`bf16` as given, or (None) on when the GPU supports it."""
+        return use_bf16() if self.bf16 is None else self.bf16
+
+    def loss_function(self) -> ColbertContrastiveLoss:
+        return ColbertContrastiveLoss(self.loss, tau=self.tau, hard_negative_weight=self.hard_negative_weight)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * world_size()
+
+    def memory_setup(self) -> TrainingSetup:
+        """This run as a `memory.TrainingSetup` (its model size is None when the base model is not a published one)."""
+        sizes = {TINY: TINY, **{model_id: size for size, model_id in MODEL_IDS.items()}}
+        return TrainingSetup(
+            model_size=sizes.get(self.base_model_path),
+            dtype="bfloat16" if self.bf16_enabled else "float32",
+            lora=self.peft,
+            lora_rank=self.lora_rank,
+            batch_size=self.per_device_train_batch_size,
+            max_visual_tokens=self.max_visual_tokens,
+            gradient_checkpointing=self.gradient_checkpointing,
+            attn_implementation=self.attn_implementation or "flash_attention_2",
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
+
+
+def default_config(
+    output_dir: str | os.PathLike, base_model_path: str = BASE_MODEL, **overrides
+) -> TrainConfig:
+    """A `TrainConfig` with the reference defaults, or the tiny run's for the tiny checkpoint, then `overrides`.
+
+    The tiny run's are `TINY_DEFAULTS`, and with `loss="pairwise"` also `TINY_PAIRWISE_DEFAULTS`.
+    """
+    preset = {}
+    if base_model_path == TINY:
+        preset = dict(TINY_DEFAULTS)
+        if overrides.get("loss") == "pairwise":
+            preset.update(TINY_PAIRWISE_DEFAULTS)
+    return TrainConfig(output_dir=str(output_dir), base_model_path=base_model_path, **{**preset, **overrides})
+
+
+def world_size() -> int:
+    """Processes training together (set by `accelerate launch` / `torchrun`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def eval_batch_size(config: TrainConfig, n_eval_rows: int | None) -> int:
+    """The per-device evaluation batch, no larger than each process's share of the evaluation rows."""
+    size = config.per_device_eval_batch_size or config.per_device_train_batch_size
+    if n_eval_rows is not None:
+        size = min(size, max(1, n_eval_rows // world_size()))
+    return size
+
+
+def run_metrics(train: list, evals: list, steps: int, steps_run: int, seconds: float) -> dict:
+    """What both trainers report, as written to `metrics.json`: the logged losses and a summary."""
+    return {
+        "train": train,
+        "eval": evals,
+        "summary": {
+            "global_step": steps,
+            "steps_this_run": steps_run,
+            "train_seconds": round(seconds, 3),
+            "steps_per_second": round(steps_run / seconds, 4) if seconds > 0 else None,
+            "final_loss": train[-1]["loss"] if train else None,
+            "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        },
+    }

@@ -1,0 +1,165 @@
+"""Evaluation results on disk and as tables: per-task JSON, `results.json`, summary and comparison tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .metrics import HEADLINE, SUMMARY_METRICS
+
+RESULTS_FILE = "results.json"
+SUMMARY_STEM = "summary"
+COMPARISON_STEM = "comparison"
+
+
+def write_results(
+    results: dict[str, dict], output_dir: str | os.PathLike, metadata: dict | None = None
+) -> Path:
+    """Write one JSON per task (`<task>.json`), `results.json` (all tasks) and the summary table.
+
+    Returns:
+        The path of `results.json`.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metadata = dict(metadata or {})
+    metadata.setdefault("timestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    for name, result in results.items():
+        slug = name.replace("/", "_")
+        (output_dir / f"{slug}.json").write_text(
+            json.dumps({"task": name, "metadata": metadata, **result}, indent=2) + "\n"
+        )
+    path = output_dir / RESULTS_FILE
+    path.write_text(json.dumps({"metadata": metadata, "results": results}, indent=2) + "\n")
+    rows = summary_rows(results)
+    _write_table(rows, output_dir / SUMMARY_STEM)
+    return path
+
+
+def summary_rows(results: dict[str, dict], metrics: Sequence[str] = SUMMARY_METRICS) -> list[dict]:
+    """One row per task plus `average` (the mean over tasks): task, n_queries, n_pages and `metrics`."""
+    rows = [
+        {
+            "task": name,
+            "n_queries": r["n_queries"],
+            "n_pages": r["n_pages"],
+            **{m: r["metrics"][m] for m in metrics},
+        }
+        for name, r in results.items()
+    ]
+    if rows:
+        rows.append(
+            {
+                "task": "average",
+                "n_queries": sum(r["n_queries"] for r in rows),
+                "n_pages": sum(r["n_pages"] for r in rows),
+                **{m: sum(r[m] for r in rows) / len(rows) for m in metrics},
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as a Markdown table; metric values (floats) shown x100 with two decimals."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if c == "task" else "---:" for c in columns) + "|",
+    ]
+    for row in rows:
+        cells = [
+            f"{row[c] * 100:+.2f}"
+            if c.startswith("delta")
+            else f"{row[c] * 100:.2f}"
+            if isinstance(row[c], float)
+            else str(row[c])
+            for c in columns
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_table(rows: list[dict], stem: Path) -> None:
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["task"])
+        writer.writeheader()
+        writer.writerows(rows)
+    stem.with_suffix(".md").write_text("Scores x 100.\n\n" + markdown_table(rows) + "\n")
+
+
+def read_results(path: str | os.PathLike) -> dict[str, dict]:
+    """Task -> result from `results.json`, one task's JSON, or an output directory.
+
+    Raises:
+        ValueError: nothing readable as results there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / RESULTS_FILE).exists():
+            path = path / RESULTS_FILE
+        else:
+            found = {}
+            for file in sorted(path.glob("*.json")):
+                found.update(read_results(file))
+            if not found:
+                raise ValueError(
+                    f"{path} holds no evaluation results (no {RESULTS_FILE}, no task JSON files)"
+                )
+            return found
+    if not path.exists():
+        raise ValueError(f"no results at {path}; pass a results.json, a task JSON or an output directory")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON: {err}") from err
+    if isinstance(data, dict) and isinstance(data.get("results"), dict):
+        return data["results"]
+    if isinstance(data, dict) and "task" in data and isinstance(data.get("metrics"), dict):
+        return {data["task"]: data}
+    raise ValueError(
+        f"{path} is not an evaluation result file (expected keys 'results', or 'task' and 'metrics')"
+    )
+
+
+def compare_results(
+    before: dict[str, dict] | str | os.PathLike,
+    after: dict[str, dict] | str | os.PathLike,
+    metrics: Sequence[str] = HEADLINE,
+) -> list[dict]:
+    """Per-task before/after/delta of `metrics` for the tasks both have, plus their `average`.
+
+    Raises:
+        ValueError: the two results share no task.
+    """
+    before = before if isinstance(before, dict) else read_results(before)
+    after = after if isinstance(after, dict) else read_results(after)
+    common = [name for name in before if name in after]
+    if not common:
+        raise ValueError(f"the two results share no task: {sorted(before)} vs {sorted(after)}")
+    rows = []
+    for name in common:
+        row: dict = {"task": name}
+        for m in metrics:
+            old, new = before[name]["metrics"][m], after[name]["metrics"][m]
+            row.update({f"{m} before": old, f"{m} after": new, f"delta {m}": new - old})
+        rows.append(row)
+    average = {"task": "average"}
+    for column in rows[0]:
+        if column != "task":
+            average[column] = sum(r[column] for r in rows) / len(rows)
+    rows.append(average)
+    return rows
+
+
+def write_comparison(rows: list[dict], output_dir: str | os.PathLike) -> Path:
+    """Write `comparison.csv` and `comparison.md`; returns the Markdown path."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_table(rows, output_dir / COMPARISON_STEM)
+    return output_dir / f"{COMPARISON_STEM}.md"
