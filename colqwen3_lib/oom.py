@@ -158,6 +158,18 @@ def recommended_verdicts(memory_gib: float | None, **overrides) -> list[dict]:
     return rows
 
 
+def remedies(setup: TrainingSetup) -> dict[str, TrainingSetup]:
+    """The reference README's out-of-memory remedies, each applied to `setup` (and eager attention, for contrast)."""
+    return {
+        "as planned": setup,
+        "batch / 2": replace(setup, batch_size=max(1, setup.batch_size // 2)),
+        "no grad. ckpt": replace(setup, gradient_checkpointing=False),
+        "full fine-tune": replace(setup, lora=False),
+        "512 tokens": replace(setup, max_visual_tokens=512),
+        "eager attention": replace(setup, attn_implementation="eager"),
+    }
+
+
 # ---------------------------------------------------------------- surviving out-of-memory errors
 
 

@@ -136,6 +136,52 @@ def plot_loss(steps: Sequence[int], losses: Sequence[float], eval_steps=(), eval
     return fig
 
 
+def plot_history(metrics: dict, ax=None):
+    """`plot_loss` of a run's metrics (`TrainResult.metrics`, or a `metrics.json` read back)."""
+    train, evals = metrics["train"], metrics.get("eval", [])
+    return plot_loss(
+        [e["step"] for e in train],
+        [e["loss"] for e in train],
+        [e["step"] for e in evals],
+        [e["eval_loss"] for e in evals],
+        ax=ax,
+    )
+
+
+class LiveLossCurve:
+    """A loss curve redrawn in place while training runs: pass the instance as `train(..., on_log=curve)`.
+
+    Args:
+        every: Redraw after every `every` logged training steps (drawing costs time on a CPU).
+    """
+
+    def __init__(self, every: int = 25):
+        from IPython.display import display
+
+        self.every, self.log = every, []
+        self.fig, self.ax = plt.subplots(figsize=(6, 3.5))
+        self.handle = display(self.fig, display_id=True)
+        plt.close(self.fig)
+
+    def __call__(self, entry: dict) -> None:
+        self.log.append(entry)
+        if "loss" in entry and entry["step"] % self.every == 0:
+            self.ax.clear()
+            plot_history({"train": [e for e in self.log if "loss" in e], "eval": []}, ax=self.ax)
+            self.handle.update(self.fig)
+
+
+def query_tokens(processor, batch, index: int) -> list[tuple[int, str]]:
+    """(position, readable token) of each real token of query `index` in a processed query batch.
+
+    Byte-level markers are removed (`'ĠPortrait'` reads `Portrait`), for titles and pickers.
+    """
+    ids = batch["input_ids"][index].tolist()
+    mask = batch["attention_mask"][index].tolist()
+    tokens = processor.tokenizer.convert_ids_to_tokens(ids)
+    return [(i, tokens[i].replace("Ġ", " ").strip() or tokens[i]) for i in range(len(ids)) if mask[i]]
+
+
 def plot_metric_bars(results: dict[str, dict[str, dict[str, float]]], metric: str = "ndcg_at_5", ax=None):
     """Grouped bars: `results[run][task][metric]` for each task, one bar per run (e.g. before/after)."""
     runs = list(results)
