@@ -20,6 +20,16 @@ import sys
 import time
 from pathlib import Path
 
+from .reference import (
+    LR,
+    MAX_VISUAL_TOKENS,
+    MODEL_IDS,
+    NUM_TRAIN_EPOCHS,
+    RECOMMENDED_BATCHES,
+    TAU,
+    TRAIN_DATASET,
+)
+
 NOTEBOOKS = (
     "00_setup_check",
     "01_processor_and_visual_tokens",
@@ -31,38 +41,36 @@ NOTEBOOKS = (
 # Shared parameters per profile; each notebook receives the ones its parameters cell declares.
 # `tiny` keeps every notebook's own defaults, which are the offline CPU settings.
 _REAL = {
-    "MAX_VISUAL_TOKENS": 768,
-    "TRAIN_DATASET": "vidore/colpali_train_set",
+    "MAX_VISUAL_TOKENS": MAX_VISUAL_TOKENS,
+    "TRAIN_DATASET": TRAIN_DATASET,
     "EVAL_DATASETS": "vidore-v1",
     "LOSS": "pairwise",
-    "LR": 2e-4,
-    "TAU": 0.02,
+    "LR": LR,
+    "TAU": TAU,
     "MAX_STEPS": -1,
-    "NUM_TRAIN_EPOCHS": 5.0,
+    "NUM_TRAIN_EPOCHS": NUM_TRAIN_EPOCHS,
     "GRADIENT_CHECKPOINTING": True,
     "TRAINER": "hf",
 }
+
+
+def _real_profile(size: str) -> dict[str, object]:
+    """The reference settings for one model size, at the smallest recommended per-device batch."""
+    batch = min(b for s, b in RECOMMENDED_BATCHES if s == size)
+    profile = {
+        **_REAL,
+        "BASE_MODEL_PATH": MODEL_IDS[size],
+        "MODEL_SIZE": size,
+        "PER_DEVICE_TRAIN_BATCH_SIZE": batch,
+    }
+    if size == "8b":  # 16 per device, accumulated to the 32 at the top of the recommended range
+        profile["GRADIENT_ACCUMULATION_STEPS"] = 2
+    return profile
+
+
 PROFILES: dict[str, dict[str, object]] = {
     "tiny": {"BASE_MODEL_PATH": "tiny"},
-    "2b": {
-        **_REAL,
-        "BASE_MODEL_PATH": "Qwen/Qwen3-VL-2B-Instruct",
-        "MODEL_SIZE": "2b",
-        "PER_DEVICE_TRAIN_BATCH_SIZE": 64,
-    },
-    "4b": {
-        **_REAL,
-        "BASE_MODEL_PATH": "Qwen/Qwen3-VL-4B-Instruct",
-        "MODEL_SIZE": "4b",
-        "PER_DEVICE_TRAIN_BATCH_SIZE": 32,
-    },
-    "8b": {
-        **_REAL,
-        "BASE_MODEL_PATH": "Qwen/Qwen3-VL-8B-Instruct",
-        "MODEL_SIZE": "8b",
-        "PER_DEVICE_TRAIN_BATCH_SIZE": 16,
-        "GRADIENT_ACCUMULATION_STEPS": 2,
-    },
+    **{s: _real_profile(s) for s in MODEL_IDS},
 }
 DEFAULT_NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -13,7 +13,7 @@ import torch
 
 from .data import load_split
 from .evaluation import embed_images, embed_queries
-from .model import ColQwen3
+from .model import HEAD, ColQwen3
 from .processor import ColQwen3Processor
 
 
@@ -43,7 +43,7 @@ def run(model_path: str, dataset: str, n_queries: int, max_visual_tokens: int, b
             }
         )
     print(f"{len(page_embs)} pages and {len(queries)} queries embedded and scored in {elapsed:.2f} s")
-    if any(k.startswith("custom_text_proj") for k in model.loading_info["missing_keys"]):
+    if any(k.startswith(HEAD) for k in model.loading_info["missing_keys"]):
         print(
             "(the projection head is untrained, so rankings are near chance: train it with colqwen3_lib.train)"
         )

@@ -35,25 +35,28 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
-def embed_images(
-    model, processor, images: Sequence, batch_size: int = BATCH_SIZE, progress=None
-) -> list[torch.Tensor]:
-    """Embeddings of pages (PIL images or paths), in their order: a list of (n_tokens, dim) CPU tensors.
-
-    Pages are batched by size, so that a batch's pages pad little.
-    """
-    sizes = [image.width * image.height if hasattr(image, "width") else 0 for image in images]
-    order = sorted(range(len(images)), key=sizes.__getitem__)
-    embeddings: list[torch.Tensor | None] = [None] * len(images)
+def _embed_by_size(model, processor, sizes: list[int], load, batch_size: int, progress) -> list[torch.Tensor]:
+    """Embed items in batches of similar size (little padding); `load(indices)` gives their images."""
+    order = sorted(range(len(sizes)), key=sizes.__getitem__)
+    embeddings: list[torch.Tensor | None] = [None] * len(sizes)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch = processor.process_images([images[i] for i in chunk])
-        for i, embedding in zip(chunk, embed_batch(model, batch)):
+        for i, embedding in zip(chunk, embed_batch(model, processor.process_images(load(chunk)))):
             embeddings[i] = embedding
         if progress is not None:
             progress.update(len(chunk))
     return embeddings
+
+
+@torch.inference_mode()
+def embed_images(
+    model, processor, images: Sequence, batch_size: int = BATCH_SIZE, progress=None
+) -> list[torch.Tensor]:
+    """Embeddings of pages (PIL images or paths), in their order: a list of (n_tokens, dim) CPU tensors."""
+    sizes = [image.width * image.height if hasattr(image, "width") else 0 for image in images]
+    return _embed_by_size(
+        model, processor, sizes, lambda chunk: [images[i] for i in chunk], batch_size, progress
+    )
 
 
 @torch.inference_mode()
@@ -70,17 +73,12 @@ def embed_pages(
         for row, value in zip(rows, task.pages[rows]["image"]):
             width, height = decode_image(value, f"{task.name} row {row}", header_only=True).size
             sizes.append(width * height)
-    order = sorted(range(len(task.images)), key=sizes.__getitem__)
-    embeddings: list[torch.Tensor | None] = [None] * len(order)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+
+    def load(chunk: list[int]) -> list:
         rows = [task.images[i] for i in chunk]
-        images = [decode_image(v, f"{task.name} row {r}") for r, v in zip(rows, task.pages[rows]["image"])]
-        for i, embedding in zip(chunk, embed_batch(model, processor.process_images(images))):
-            embeddings[i] = embedding
-        if progress is not None:
-            progress.update(len(chunk))
-    return embeddings
+        return [decode_image(v, f"{task.name} row {r}") for r, v in zip(rows, task.pages[rows]["image"])]
+
+    return _embed_by_size(model, processor, sizes, load, batch_size, progress)
 
 
 @torch.inference_mode()
