@@ -74,14 +74,23 @@ def test_errors():
         score_multi_vector([torch.ones(2, 4)], [torch.ones(2, 4)], batch_size=0)
 
 
-def test_benchmark_runs_and_reports_the_ratio(capsys):
+def test_a_zero_padded_page_tensor_scores_like_its_unpadded_pages():
+    """ColQwen3 pads on the left with zero rows; pad_sequence pads on the right: neither may win a max."""
+    q = [torch.tensor([[1.0, 0.0]])]
+    pages = [torch.tensor([[-1.0, 0.0]]), torch.tensor([[-0.5, 0.0], [-0.2, 0.0], [-0.9, 0.0]])]
+    right = torch.nn.utils.rnn.pad_sequence(pages, batch_first=True)  # (2, 3, 2)
+    left = torch.stack([right[0].roll(2, dims=0), right[1]])  # the short page padded on the left
+    for padded in (right, left):
+        torch.testing.assert_close(score_multi_vector(q, padded), torch.tensor([[-1.0, -0.2]]))
+
+
+def test_benchmark_runs_and_reports_the_ratios(capsys):
     path = Path(__file__).parents[1] / "benchmarks" / "bench_scoring.py"
     spec = importlib.util.spec_from_file_location("bench_scoring", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = bench.main(
-        ["--queries", "4", "--query-tokens", "3", "--pages", "6", "--page-tokens", "10", "--dim", "8"]
-    )
-    assert out["max_abs_diff"] < 1e-5 and out["speedup"] > 0
-    printed = capsys.readouterr().out
-    assert "speed-up over the reference" in printed and "share of the plain matmul rate" in printed
+    argv = ["--queries", "4", "--query-tokens", "3", "--pages", "6", "--min-page-tokens", "5"]
+    report = bench.main(argv + ["--page-tokens", "10", "--dim", "8", "--repeats", "1"])
+    for case in ("list of pages", "padded tensor"):
+        assert report[case]["max_abs_error"] < 1e-5 and report[case]["matmul_share"] > 0
+    assert "of the plain matrix-product rate" in capsys.readouterr().out
