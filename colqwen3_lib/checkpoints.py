@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import LATEST, TrainConfig
+from .fingerprint import write_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +57,74 @@ def rotate_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_checkpoint(path: Path) -> dict:
+    """Read a checkpoint's state file and check its weight files are whole; returns the state.
+
+    Raises:
+        ValueError: the state file is not valid JSON, or a safetensors file is shorter than its
+            header says (a save cut off, a partial copy); the message names the file.
+    """
+    state_file = path / (TORCH_STATE_FILE if (path / TORCH_STATE_FILE).exists() else HF_STATE_FILE)
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"checkpoint {path} is damaged: {state_file.name} cannot be read ({err}). {_earlier(path)}"
+        ) from err
+    for weights in sorted(path.glob("*.safetensors")):
+        problem = _safetensors_problem(weights)
+        if problem:
+            raise ValueError(f"checkpoint {path} is damaged: {weights.name} {problem}. {_earlier(path)}")
+    return state
+
+
+def _earlier(path: Path) -> str:
+    older = [p for p in checkpoints(path.parent) if checkpoint_step(p) < checkpoint_step(path)]
+    return (
+        f"Resume from an earlier one: --resume-from-checkpoint {older[-1]}"
+        if older
+        else "No earlier checkpoint is left."
+    )
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """None if the file holds every byte its header promises, else what is wrong."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "is empty or cut off"
+        header_len = int.from_bytes(head, "little")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
+            return "has an unreadable header"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        return f"is cut off ({size:,} of {8 + header_len + end:,} bytes)"
+    return None
+
+
 def resolve_resume(config: TrainConfig) -> Path | None:
+    """The checkpoint `config.resume_from_checkpoint` names (`latest`: the last one in `output_dir`), checked whole."""
     if not config.resume_from_checkpoint:
         return None
     if config.resume_from_checkpoint == LATEST:
         found = latest_checkpoint(config.output_dir)
         if found is None:
             raise ValueError(
-                f"--resume-from-checkpoint latest: {config.output_dir} holds no complete checkpoint"
+                f"--resume-from-checkpoint latest: {config.output_dir} holds no complete checkpoint (the run stopped "
+                "before its first save); run the same command without --resume-from-checkpoint to start it again"
             )
-        return found
-    path = Path(config.resume_from_checkpoint)
-    if not path.is_dir() or path not in checkpoints(path.parent):
-        raise ValueError(
-            f"{path} is not a complete checkpoint directory (checkpoint-<step> with its state file)"
-        )
-    return path
+    else:
+        found = Path(config.resume_from_checkpoint)
+        if not found.is_dir() or found not in checkpoints(found.parent):
+            raise ValueError(
+                f"{found} is not a complete checkpoint directory (checkpoint-<step> with its state file); "
+                f"the complete ones in {found.parent} are {[p.name for p in checkpoints(found.parent)]}"
+            )
+    check_checkpoint(found)
+    return found
 
 
 def _rng_state() -> dict:
@@ -95,7 +148,10 @@ def save_torch_checkpoint(config, accelerator, model, optimizer, scheduler, step
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp)  # the adapter, or the full model
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp)  # the adapter, or the full model
+        if getattr(unwrapped, "base_fingerprint", None):
+            write_fingerprint(tmp, unwrapped.base_fingerprint)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
@@ -109,6 +165,17 @@ def save_torch_checkpoint(config, accelerator, model, optimizer, scheduler, step
         rotate_checkpoints(Path(config.output_dir), config.save_total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _load_plain(file: Path):
+    """`torch.load` of tensors and plain Python values only (never arbitrary pickled objects)."""
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{file} holds something other than tensors and plain values ({type(err).__name__}), or is damaged; "
+            "the kit does not unpickle objects from checkpoints. Resume from a checkpoint the kit wrote"
+        ) from err
 
 
 def load_torch_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> tuple[int, dict]:
@@ -129,11 +196,12 @@ def load_torch_checkpoint(path: Path, accelerator, model, optimizer, scheduler) 
         load_sharded_checkpoint(unwrapped, str(path), strict=False)
     else:
         unwrapped.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    # weights_only: tensors and plain values only, so that a crafted file cannot run code on resume.
+    optimizer.load_state_dict(_load_plain(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load_plain(path / "scheduler.pt"))
     rng_file = path / f"rng_state_{accelerator.process_index}.pth"
     if rng_file.exists():  # dropout continues as it would have
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(_load_plain(rng_file))
     state = json.loads((path / TORCH_STATE_FILE).read_text())
     logger.info(f"resumed from {path} at step {state['global_step']}")
     return state["global_step"], state["log_history"]

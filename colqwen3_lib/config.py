@@ -4,6 +4,7 @@ resolves at start (bf16, processes, the evaluation batch), plus the shape of wha
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,45 @@ NO_EVAL = "none"
 LATEST = "latest"
 CONFIG_FILE = "training_config.json"
 METRICS_FILE = "metrics.json"
+
+# Validation of the numeric settings: the smallest value of each count, the range of each real number.
+_AT_LEAST = {
+    "per_device_train_batch_size": 1,
+    "per_device_eval_batch_size": 1,
+    "gradient_accumulation_steps": 1,
+    "max_visual_tokens": 1,
+    "lora_rank": 1,
+    "lora_alpha": 1,
+    "warmup_steps": 0,
+    "logging_steps": 1,
+    "eval_steps": 1,
+    "save_steps": 1,
+    "save_total_limit": 0,
+    "dataloader_num_workers": 0,
+    "num_threads": 1,
+}
+_FINITE = {  # name: (low, high); names in _POSITIVE must be above low, the others at least low
+    "lr": (0.0, 1.0),
+    "head_lr": (0.0, 1.0),
+    "tau": (0.0, math.inf),
+    "weight_decay": (0.0, math.inf),
+    "max_grad_norm": (0.0, math.inf),
+    "lora_dropout": (0.0, 0.99),
+    "num_train_epochs": (-math.inf, math.inf),
+    "hard_negative_weight": (0.0, 1.0),
+}
+_POSITIVE = {"lr", "head_lr", "tau", "max_grad_norm"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _range_text(low: float, high: float, positive: bool) -> str:
+    parts = [f"above {low:g}" if positive else f"at least {low:g}"] if low > -math.inf else []
+    parts += [f"at most {high:g}"] if high < math.inf else []
+    return "a finite number" + (" " + " and ".join(parts) if parts else "")
+
 
 StepHook = Callable[[int, Path | None], None]  # (global step, checkpoint just written or None)
 LogHook = Callable[[dict], None]  # each logged entry: {"step", "loss", "lr"} or {"step", "eval_loss"}
@@ -118,21 +158,24 @@ class TrainConfig:
             raise ValueError(f"trainer={self.trainer!r} is not one of {TRAINERS}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not one of {LOSSES}")
-        for name in (
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "max_visual_tokens",
-            "lora_rank",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
-            raise ValueError(f"learning rates must be positive, got lr={self.lr}, head_lr={self.head_lr}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ValueError("set max_steps > 0 or num_train_epochs > 0: as given, there is nothing to train")
         if self.attn_implementation is not None and self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"attn_implementation={self.attn_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        for name, low in _AT_LEAST.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"{_flag(name)} must be at least {low}, got {value}")
+        for name, (low, high) in _FINITE.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            positive = name in _POSITIVE
+            if not math.isfinite(value) or value < low or (positive and value == low) or value > high:
+                raise ValueError(f"{_flag(name)} must be {_range_text(low, high, positive)}, got {value}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError(
+                "--max-steps and --num-train-epochs are both 0 or less: nothing to train; set one of them above 0"
             )
 
     @property

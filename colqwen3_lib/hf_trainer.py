@@ -14,8 +14,9 @@ import torch
 from .checkpoints import CHECKPOINT_PREFIX, checkpoint_step
 from .config import LogHook, StepHook, TrainConfig, eval_batch_size, run_metrics
 from .data import ContrastiveCollator, PairDataset
+from .fingerprint import write_fingerprint
 from .lora import optimizer_groups
-from .losses import ColbertContrastiveLoss, contrastive_loss
+from .losses import ColbertContrastiveLoss, NonFiniteLossError, contrastive_loss
 from .processor import ColQwen3Processor
 
 
@@ -44,6 +45,8 @@ def _hf_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = contrastive_loss(model, inputs, self.loss_fn)
+            if model.training and not torch.isfinite(loss):
+                raise NonFiniteLossError(self.state.global_step + 1, loss.item())
             return (loss, None) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -63,9 +66,12 @@ def _hf_hook_callback(hook: StepHook | None, on_log: LogHook | None):
             if hook:
                 hook(state.global_step, None)
 
-        def on_save(self, args, state, control, **kwargs):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            checkpoint = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            if getattr(model, "base_fingerprint", None) and checkpoint.is_dir():
+                write_fingerprint(checkpoint, model.base_fingerprint)
             if hook:
-                hook(state.global_step, Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}")
+                hook(state.global_step, checkpoint)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if on_log and logs and ("loss" in logs or "eval_loss" in logs):
@@ -129,7 +135,7 @@ def train_hf(
         eval_dataset=eval_set,
         loss_fn=config.loss_function(),
         config=config,
-        callbacks=[_hf_hook_callback(hook, on_log)] if hook or on_log else None,
+        callbacks=[_hf_hook_callback(hook, on_log)],
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)

@@ -19,7 +19,7 @@ from .checkpoints import load_torch_checkpoint, save_torch_checkpoint
 from .config import LogHook, StepHook, TrainConfig, eval_batch_size, run_metrics
 from .data import ContrastiveCollator, EpochShuffler, PairDataset
 from .lora import optimizer_groups
-from .losses import contrastive_loss
+from .losses import NonFiniteLossError, contrastive_loss
 from .processor import ColQwen3Processor
 
 logger = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ def train_torch_loop(
             step += 1
             mean_loss = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
             step_losses = []
+            if not math.isfinite(mean_loss):
+                raise NonFiniteLossError(step, mean_loss)
             if step % config.logging_steps == 0:
                 history["train"].append({"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
                 logger.info(f"step {step}/{total_steps}  loss {mean_loss:.4f}")

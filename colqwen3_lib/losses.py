@@ -72,6 +72,14 @@ def paired_scores(qs: torch.Tensor, ps: torch.Tensor, normalize: bool = True) ->
     return scores
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; training stops rather than write a broken model."""
+
+    def __init__(self, step: int, loss: float, message: str | None = None):
+        super().__init__(message or f"the training loss is {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every process's gradient for this process's slice."""
 

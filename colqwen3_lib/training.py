@@ -13,9 +13,8 @@ Settings are a `config.TrainConfig`; checkpoints and resuming are in `checkpoint
 from __future__ import annotations
 
 import dataclasses
-import json
+import errno
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +22,6 @@ import torch
 
 from .checkpoints import latest_checkpoint, resolve_resume
 from .config import (
-    CONFIG_FILE,
-    LATEST,
     METRICS_FILE,
     NO_EVAL,
     LogHook,
@@ -34,12 +31,15 @@ from .config import (
     world_size,
 )
 from .data import PairDataset, load_pairs
+from .fingerprint import base_fingerprint, write_fingerprint
 from .hf_trainer import train_hf
 from .loop import train_torch_loop
 from .lora import prepare_for_training
+from .losses import NonFiniteLossError
 from .model import ColQwen3
 from .oom import TrainingOutOfMemoryError, find_batch_size, is_oom_error, oom_advice
 from .processor import ColQwen3Processor
+from .runs import check_resume, prepare_output_dir, write_json, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def build_model(config: TrainConfig) -> tuple[torch.nn.Module, ColQwen3Processor
     processor = ColQwen3Processor.from_pretrained(
         config.base_model_path, max_num_visual_tokens=config.max_visual_tokens
     )
+    fingerprint = base_fingerprint(model) if config.peft else None
     model = prepare_for_training(
         model,
         config.peft,
@@ -85,6 +86,7 @@ def build_model(config: TrainConfig) -> tuple[torch.nn.Module, ColQwen3Processor
         config.lora_alpha,
         config.lora_dropout,
     )
+    model.base_fingerprint = fingerprint  # written beside every adapter the run saves
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     logger.info(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)")
@@ -106,22 +108,6 @@ def _check_batch_fits(config: TrainConfig, train_set: PairDataset) -> None:
             f"({config.per_device_train_batch_size} per device x {world} processes = {per_step}); "
             f"pass --per-device-train-batch-size {fit} or less, or a larger --train-dataset"
         )
-
-
-def _check_output_dir(config: TrainConfig) -> None:
-    folder = Path(config.output_dir)
-    if config.resume_from_checkpoint or not folder.exists() or not any(folder.iterdir()):
-        return
-    raise FileExistsError(
-        f"--output-dir {folder} exists and is not empty; it is never overwritten. Choose a new --output-dir, "
-        f"delete this one, or continue its run with --resume-from-checkpoint {LATEST}"
-    )
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _train_once(
@@ -151,6 +137,8 @@ def _train_once(
     if is_main_process():
         model.save_pretrained(config.output_dir)  # the LoRA adapter, or the full model
         processor.save_pretrained(config.output_dir)
+        if model.base_fingerprint:
+            write_fingerprint(config.output_dir, model.base_fingerprint)
     model.eval()
     return TrainResult(Path(config.output_dir), model, processor, config, metrics)
 
@@ -177,25 +165,28 @@ def train(config: TrainConfig, hook: StepHook | None = None, on_log: LogHook | N
     """
     from accelerate import PartialState
 
-    _check_output_dir(config)
+    prepare_output_dir(config)
     # Without a GPU, processes started by `accelerate launch`/`torchrun` train together over gloo.
     PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()  # all have checked before any writes
     resume = resolve_resume(config)
+    changes = {}
+    if resume is not None:
+        config, changes = check_resume(config, resume)
     started_with = latest_checkpoint(config.output_dir)
     threads = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        result = _train_shrinking_on_oom(config, resume, started_with, hook, on_log)
+        result = _train_shrinking_on_oom(config, resume, changes, started_with, hook, on_log)
     finally:
         torch.set_num_threads(threads)
     if is_main_process():
-        _write_json(result.output_dir / METRICS_FILE, result.metrics)
+        write_json(result.output_dir / METRICS_FILE, result.metrics)
     return result
 
 
 def _train_shrinking_on_oom(
-    config: TrainConfig, resume: Path | None, started_with: Path | None, hook, on_log
+    config: TrainConfig, resume: Path | None, changes: dict, started_with: Path | None, hook, on_log
 ) -> TrainResult:
     """`_train_once` under `oom.find_batch_size`: with `auto_batch_size`, an out-of-memory error before the
     first checkpoint retries with half the batch and twice the accumulation (the same effective batch)."""
@@ -208,10 +199,7 @@ def _train_shrinking_on_oom(
             gradient_accumulation_steps=config.gradient_accumulation_steps * (first_batch // batch),
         )
         if is_main_process():
-            Path(run.output_dir).mkdir(parents=True, exist_ok=True)
-            resolved = {**dataclasses.asdict(run), "world_size": world_size()}
-            resolved.update(bf16=run.bf16_enabled, effective_batch_size=run.effective_batch_size)
-            _write_json(Path(run.output_dir) / CONFIG_FILE, resolved)
+            write_record(run, resume, changes)
         try:
             return _train_once(run, resume, hook, on_log)
         except KeyboardInterrupt:
@@ -220,6 +208,22 @@ def _train_shrinking_on_oom(
                 logger.error(
                     f"interrupted. The last checkpoint is {last}: continue with --resume-from-checkpoint {last}"
                 )
+            raise
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(
+                err.step, err.loss, _non_finite_advice(run, err, latest_checkpoint(run.output_dir))
+            ) from None
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                last = latest_checkpoint(run.output_dir)
+                intact = (
+                    f"the last checkpoint, {last}, is intact: free some space and add --resume-from-checkpoint {last}"
+                    if last
+                    else "no checkpoint was written yet"
+                )
+                raise OSError(
+                    errno.ENOSPC, f"no space left on the device while writing to {run.output_dir}; {intact}"
+                ) from err
             raise
         except Exception as err:
             last = latest_checkpoint(run.output_dir)
@@ -235,3 +239,18 @@ def _train_shrinking_on_oom(
     smallest = 1 if config.auto_batch_size and resume is None else first_batch
     _, result = find_batch_size(attempt, first_batch, min_batch_size=smallest, advice=advice)
     return result
+
+
+def _non_finite_advice(config: TrainConfig, err: NonFiniteLossError, last: Path | None) -> str:
+    where = (
+        f"The last good checkpoint is {last}: resume from it with a lower learning rate (--resume-from-checkpoint {last} --lr ...)."
+        if last
+        else "No checkpoint was written, and no model: nothing broken was saved."
+    )
+    return (
+        f"Training stopped: the loss is {err.loss} at step {err.step} (--lr {config.lr}"
+        + (f", --head-lr {config.head_lr}" if config.head_lr else "")
+        + f", --warmup-steps {config.warmup_steps}, --max-grad-norm {config.max_grad_norm}). {where} "
+        "Try a lower --lr (and --head-lr) or more --warmup-steps; "
+        "check the data for empty pages or queries."
+    )
