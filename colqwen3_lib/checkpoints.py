@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import LATEST, TrainConfig
+from .files import safetensors_problem
 from .fingerprint import write_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def check_checkpoint(path: Path) -> dict:
             f"checkpoint {path} is damaged: {state_file.name} cannot be read ({err}). {_earlier(path)}"
         ) from err
     for weights in sorted(path.glob("*.safetensors")):
-        problem = _safetensors_problem(weights)
+        problem = safetensors_problem(weights)
         if problem:
             raise ValueError(f"checkpoint {path} is damaged: {weights.name} {problem}. {_earlier(path)}")
     return state
@@ -85,24 +86,6 @@ def _earlier(path: Path) -> str:
         if older
         else "No earlier checkpoint is left."
     )
-
-
-def _safetensors_problem(file: Path) -> str | None:
-    """None if the file holds every byte its header promises, else what is wrong."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return "is empty or cut off"
-        header_len = int.from_bytes(head, "little")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
-            return "has an unreadable header"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        return f"is cut off ({size:,} of {8 + header_len + end:,} bytes)"
-    return None
 
 
 def resolve_resume(config: TrainConfig) -> Path | None:

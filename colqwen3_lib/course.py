@@ -123,6 +123,14 @@ def _write_summary(output_dir: Path, rows: list[dict]) -> None:
     )
 
 
+def _earlier_rows(output_dir: Path) -> dict[str, dict]:
+    """The rows of an earlier run's summary.json in `output_dir`, by notebook (empty if none or unreadable)."""
+    try:
+        return {row["notebook"]: row for row in json.loads((output_dir / "summary.json").read_text())}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
+
+
 def run_course(
     profile: str = "tiny",
     output_dir: str | Path = "runs/tiny",
@@ -146,7 +154,7 @@ def run_course(
 
     Raises:
         NotebookFailed: a notebook raised; earlier results are kept and the summary says which failed.
-        ValueError: unknown profile or notebook name.
+        ValueError: unknown profile, notebook or parameter name.
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
@@ -158,15 +166,25 @@ def run_course(
     if unknown:
         raise ValueError(f"unknown notebooks {sorted(unknown)}; the course has {list(NOTEBOOKS)}")
     output_dir = Path(output_dir).resolve()
-    (output_dir / "html").mkdir(parents=True, exist_ok=True)
     notebooks_dir = Path(notebooks_dir)
+    declared_by = {name: declared_parameters(notebooks_dir / f"{name}.ipynb") for name in names}
+    unused = set(parameters or ()) - set().union(*declared_by.values())
+    if unused:
+        known = sorted(set().union(*declared_by.values()))
+        raise ValueError(
+            f"no notebook run here declares the parameter(s) {sorted(unused)}; they declare {known}"
+        )
+    (output_dir / "html").mkdir(parents=True, exist_ok=True)
     shared = {**PROFILES[profile], **(parameters or {})}
+    earlier = _earlier_rows(output_dir)  # a rerun into the same folder keeps the other notebooks' results
+    if "adapter_path" in earlier.get("03_lora_training", {}).get("metrics", {}):
+        shared.setdefault("ADAPTER_PATH", earlier["03_lora_training"]["metrics"]["adapter_path"])
     rows: list[dict] = []
     for position, name in enumerate(names, 1):
         source = notebooks_dir / f"{name}.ipynb"
         work_dir = output_dir / name
         work_dir.mkdir(exist_ok=True)
-        declared = declared_parameters(source)
+        declared = declared_by[name]
         params = {k: v for k, v in {**shared, "OUTPUT_DIR": str(work_dir)}.items() if k in declared}
         print(
             f"[{position}/{len(names)}] {name} ({', '.join(f'{k}={v}' for k, v in params.items())})",
@@ -188,7 +206,8 @@ def run_course(
         rows.append({"notebook": name, "status": status, "seconds": round(seconds, 2), "metrics": metrics})
         if executed.exists():
             render_html(executed, output_dir / "html" / f"{name}.html")
-        _write_summary(output_dir, rows)
+        earlier[name] = rows[-1]
+        _write_summary(output_dir, [earlier[n] for n in NOTEBOOKS if n in earlier])
         print(f"    {status} in {seconds:.1f} s", flush=True)
         if error:
             raise NotebookFailed(error + f" (executed notebook: {executed})")
@@ -232,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotebookFailed as err:
         print(f"\nCourse stopped: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"\nCourse finished in {time.perf_counter() - start:.0f} s; results in {output_dir}/summary.md:\n")
     print((Path(output_dir) / "summary.md").read_text())
     return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -26,14 +26,16 @@ REQUIRED_COLUMNS = ("query", "image")
 HARD_NEGATIVE_COLUMN = "neg_image"
 
 
-def load_split(name_or_path: str | os.PathLike, split: str):
-    """Load one split of a dataset: a hub id (`vidore/...`), a local directory, or `synthetic`.
+def load_split(name_or_path: str | os.PathLike, split: str, single_as_any_split: bool = True):
+    """Load one split of a dataset: a hub id (`vidore/...`), a local directory or file, or `synthetic`.
 
     `synthetic` means the synthetic `colpali_train_set`; `synthetic_charts_test` and
-    `synthetic_documents_test` name the synthetic test tasks.
+    `synthetic_documents_test` name the synthetic test tasks. A local dataset saved without splits
+    (one `datasets.Dataset`) serves as any split, unless `single_as_any_split` is False.
 
     Raises:
-        ValueError: the split does not exist (the message lists the ones that do).
+        ValueError: the dataset does not exist, cannot be read, is empty, or has no such split;
+            the message names it and what to do.
     """
     from datasets import DatasetDict, load_dataset, load_from_disk
 
@@ -41,17 +43,39 @@ def load_split(name_or_path: str | os.PathLike, split: str):
     if name == SYNTHETIC or name in SYNTHETIC_TASKS:
         name = str(synthetic_docs()[TRAIN_SET_NAME if name == SYNTHETIC else name])
     path = Path(name)
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-        loaded = load_from_disk(name)
-        if not isinstance(loaded, DatasetDict):
-            return loaded
-    elif path.exists():
-        loaded = load_dataset(name)
+    what = f"dataset {str(name_or_path)!r}"
+    hub_id = not path.exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not path.exists() and not hub_id:
+        raise ValueError(
+            f"{what} does not exist: no such file or folder, and it is not a hub id (owner/name)"
+        )
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+            loaded = load_from_disk(name)
+        else:
+            loaded = load_dataset(name)  # data files, or a hub id (needs network, or a populated HF cache)
+    except (IndexError, FileNotFoundError) as err:
+        raise ValueError(
+            f"{what} holds no data ({type(err).__name__}: {err}); point to a dataset with rows"
+        ) from err
+    except ConnectionError as err:
+        raise ValueError(
+            f"could not load {what} from the Hugging Face Hub ({err}): it needs network access or a populated "
+            "HF cache; or pass the path of a local copy"
+        ) from err
+    except Exception as err:
+        raise ValueError(f"{what} could not be read as a dataset ({type(err).__name__}: {err})") from err
+    if not isinstance(loaded, DatasetDict):
+        if not single_as_any_split and split != "train":
+            raise ValueError(f"{what} has no split {split!r}: it was saved as a single dataset (no splits)")
+        rows = loaded
+    elif split not in loaded:
+        raise ValueError(f"{what} has no split {split!r}; it has {sorted(loaded)}")
     else:
-        loaded = load_dataset(name)  # hub id: needs network, or a populated HF cache
-    if split not in loaded:
-        raise ValueError(f"{name_or_path} has no split {split!r}; it has {sorted(loaded)}")
-    return loaded[split]
+        rows = loaded[split]
+    if len(rows) == 0:
+        raise ValueError(f"{what} [{split}] is empty (0 rows); point to a dataset with rows")
+    return rows
 
 
 def decode_image(value, what: str, header_only: bool = False) -> Image.Image:
@@ -137,9 +161,9 @@ class PairDataset(torch.utils.data.Dataset):
         return {"row": row, "source": self.name, "query": query, **{c: item[c] for c in self.image_columns}}
 
 
-def load_pairs(name: str, split: str) -> PairDataset:
+def load_pairs(name: str, split: str, single_as_any_split: bool = True) -> PairDataset:
     """`load_split(name, split)` wrapped as a `PairDataset`."""
-    return PairDataset(load_split(name, split), f"{name} [{split}]")
+    return PairDataset(load_split(name, split, single_as_any_split), f"{name} [{split}]")
 
 
 class ContrastiveCollator:

@@ -7,11 +7,13 @@ python -m colqwen3_lib.demo --model-path Qwen/Qwen3-VL-2B-Instruct --dataset vid
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 from .data import load_split
+from .evaluate import positive_int
 from .evaluation import embed_images, embed_queries
 from .model import HEAD, ColQwen3
 from .processor import ColQwen3Processor
@@ -56,7 +58,7 @@ def run(model_path: str, dataset: str, n_queries: int, max_visual_tokens: int, b
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -64,14 +66,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dataset", default="synthetic_charts_test", help="ViDoRe-format test set (hub id or path)"
     )
-    parser.add_argument("--n-queries", type=int, default=3, help="queries to show (default 3)")
+    parser.add_argument("--n-queries", type=positive_int, default=3, help="queries to show (default 3)")
     parser.add_argument(
-        "--max-visual-tokens", type=int, default=64, help="visual tokens per page (default 64)"
+        "--max-visual-tokens", type=positive_int, default=64, help="visual tokens per page (default 64)"
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="pages per forward pass (default 16)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, help="pages per forward pass (default 16)"
+    )
     args = parser.parse_args(argv)
-    run(args.model_path, args.dataset, args.n_queries, args.max_visual_tokens, args.batch_size)
+    try:
+        run(args.model_path, args.dataset, args.n_queries, args.max_visual_tokens, args.batch_size)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -370,7 +370,14 @@ def check_tiny() -> Check:
             queries = model(**processor.process_queries(["Which page shows a red bar chart?"]))
         scores = processor.score(list(queries), list(pages))
     except Exception as err:
-        return Check("tiny model", FAIL, f"the offline tiny path failed: {type(err).__name__}: {err}")
+        from .tiny import cache_dir
+
+        return Check(
+            "tiny model",
+            FAIL,
+            f"the offline tiny path failed: {type(err).__name__}: {err}. The kit rebuilds a damaged cache by itself; "
+            f"if this persists, delete {cache_dir()} (or point COLQWEN3_CACHE to a writable folder) and run again",
+        )
     if not torch.isfinite(scores).all():
         return Check("tiny model", FAIL, f"the tiny model gave non-finite scores {scores.tolist()}")
     return Check(

@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from . import evaluation as ev
 from . import results as rs
@@ -19,6 +20,17 @@ from .model import ATTENTION_IMPLEMENTATIONS, load_model
 from .reference import MAX_VISUAL_TOKENS
 from .synthetic import SYNTHETIC
 from .tasks import SPLIT, VIDORE_V1
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,14 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", help="where the result files go (required to evaluate)")
     parser.add_argument("--split", default=SPLIT)
-    parser.add_argument("--batch-size", type=int, default=ev.BATCH_SIZE, help="pages per forward pass")
-    parser.add_argument("--query-batch-size", type=int, default=ev.QUERY_BATCH_SIZE)
     parser.add_argument(
-        "--score-batch-size", type=int, default=ev.SCORE_BATCH_SIZE, help="queries per MaxSim block"
+        "--batch-size", type=positive_int, default=ev.BATCH_SIZE, help="pages per forward pass"
+    )
+    parser.add_argument("--query-batch-size", type=positive_int, default=ev.QUERY_BATCH_SIZE)
+    parser.add_argument(
+        "--score-batch-size", type=positive_int, default=ev.SCORE_BATCH_SIZE, help="queries per MaxSim block"
     )
     parser.add_argument(
         "--max-visual-tokens",
-        type=int,
+        type=positive_int,
         help=f"visual tokens per page (default: the trained processor's, else {MAX_VISUAL_TOKENS})",
     )
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -74,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 "--model-path and --output-dir are needed to evaluate (or use --compare BEFORE AFTER)"
             )
+        if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+            raise ValueError(f"--output-dir {args.output_dir} is a file; give a folder")
         start = time.perf_counter()
         model, processor = load_model(
             args.model_path,
@@ -81,16 +97,6 @@ def main(argv: list[str] | None = None) -> int:
             max_visual_tokens=args.max_visual_tokens,
             device=args.device,
             attn_implementation=args.attn_implementation,
-        )
-        results = ev.evaluate_model(
-            model,
-            processor,
-            args.datasets,
-            split=args.split,
-            batch_size=args.batch_size,
-            query_batch_size=args.query_batch_size,
-            score_batch_size=args.score_batch_size,
-            show_progress=not args.no_progress,
         )
         metadata = {
             "model_path": args.model_path,
@@ -101,10 +107,26 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size,
             "device": str(next(model.parameters()).device),
             "dtype": str(next(model.parameters()).dtype),
-            "seconds": round(time.perf_counter() - start, 2),
         }
+        removed = rs.clear_previous_results(args.output_dir)
+        if removed:
+            print(
+                f"replacing an earlier evaluation in {args.output_dir}: removed {[p.name for p in removed]}"
+            )
+        results = ev.evaluate_model(
+            model,
+            processor,
+            args.datasets,
+            split=args.split,
+            batch_size=args.batch_size,
+            query_batch_size=args.query_batch_size,
+            score_batch_size=args.score_batch_size,
+            show_progress=not args.no_progress,
+            on_task_done=lambda name, result: rs.write_task_result(name, result, args.output_dir, metadata),
+        )
+        metadata["seconds"] = round(time.perf_counter() - start, 2)
         path = rs.write_results(results, args.output_dir, metadata)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(rs.markdown_table(rs.summary_rows(results)))

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -204,6 +204,7 @@ def evaluate_model(
     query_batch_size: int = QUERY_BATCH_SIZE,
     score_batch_size: int = SCORE_BATCH_SIZE,
     show_progress: bool = True,
+    on_task_done: Callable[[str, dict], None] | None = None,
 ) -> dict[str, dict]:
     """Evaluate a ColQwen3 model (or a PeftModel around one) on ViDoRe-style datasets.
 
@@ -217,6 +218,7 @@ def evaluate_model(
         query_batch_size: Queries per forward pass.
         score_batch_size: Queries per MaxSim block.
         show_progress: Show a progress bar per task.
+        on_task_done: Called with (task name, result) as each task completes, e.g. to write it at once.
 
     Returns:
         Task name -> {"format", "n_queries", "n_pages", "n_images", "metrics": {"ndcg_at_5": ...},
@@ -241,6 +243,8 @@ def evaluate_model(
             )
             result["seconds"] = {"load": round(load_seconds, 3), **result["seconds"]}
             results[key] = result
+            if on_task_done is not None:
+                on_task_done(key, result)
             logger.info(
                 f"{key}: "
                 + ", ".join(f"{m} {result['metrics'][m]:.4f}" for m in HEADLINE)

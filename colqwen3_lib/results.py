@@ -16,6 +16,38 @@ SUMMARY_STEM = "summary"
 COMPARISON_STEM = "comparison"
 
 
+def clear_previous_results(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove an earlier evaluation's files from `output_dir` (its task JSONs, `results.json`, the summary).
+
+    Other files are left alone. Returns what was removed, so that the caller can say so.
+    """
+    output_dir = Path(output_dir)
+    removed = []
+    for file in sorted(output_dir.glob("*.json")) if output_dir.is_dir() else []:
+        try:
+            data = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and (file.name == RESULTS_FILE or {"task", "metrics"} <= data.keys()):
+            file.unlink()
+            removed.append(file)
+    for suffix in (".csv", ".md"):
+        table = output_dir / f"{SUMMARY_STEM}{suffix}"
+        if table.exists():
+            table.unlink()
+            removed.append(table)
+    return removed
+
+
+def write_task_result(name: str, result: dict, output_dir: str | os.PathLike, metadata: dict) -> Path:
+    """Write one task's result as `<task>.json` (so a later failure loses nothing already measured)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"{name.replace('/', '_')}.json"
+    path.write_text(json.dumps({"task": name, "metadata": metadata, **result}, indent=2) + "\n")
+    return path
+
+
 def write_results(
     results: dict[str, dict], output_dir: str | os.PathLike, metadata: dict | None = None
 ) -> Path:
@@ -25,14 +57,10 @@ def write_results(
         The path of `results.json`.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     metadata = dict(metadata or {})
     metadata.setdefault("timestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     for name, result in results.items():
-        slug = name.replace("/", "_")
-        (output_dir / f"{slug}.json").write_text(
-            json.dumps({"task": name, "metadata": metadata, **result}, indent=2) + "\n"
-        )
+        write_task_result(name, result, output_dir, metadata)
     path = output_dir / RESULTS_FILE
     path.write_text(json.dumps({"metadata": metadata, "results": results}, indent=2) + "\n")
     rows = summary_rows(results)

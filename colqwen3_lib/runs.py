@@ -16,13 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 from .checkpoints import CHECKPOINT_PREFIX, checkpoints
 from .config import CONFIG_FILE, LATEST, TrainConfig, world_size
+from .files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +170,3 @@ def write_record(config: TrainConfig, resumed_from: Path | None, changes: dict) 
         write_json(folder / HISTORY_FILE, history)
         if changes:
             logger.warning(f"resuming with changed settings (recorded in {HISTORY_FILE}): {changes}")
-
-
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically: a temporary file renamed into place."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

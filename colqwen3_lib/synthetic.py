@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import build_folder
 from .tiny import cache_dir
 
 SYNTHETIC = "synthetic"
@@ -232,19 +231,15 @@ def make_synthetic_docs(
     if n_train < 1 or n_test < 2:
         raise ValueError(f"need n_train >= 1 and n_test >= 2, got {n_train} and {n_test}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         rng = random.Random(seed)
         train = DatasetDict(train=_train_split(n_train, rng), test=_train_split(n_test, rng))
         train.save_to_disk(str(tmp / TRAIN_SET_NAME))
         for name, kinds in SYNTHETIC_TASKS.items():
             DatasetDict(test=_test_task(kinds, n_test, rng, distractor_share)).save_to_disk(str(tmp / name))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_folder(path, write)
     return {name: path / name for name in (TRAIN_SET_NAME, *SYNTHETIC_TASKS)}
 
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .architectures import SPECIAL_TOKENS, TINY, real_config_dict
+from .files import build_folder, safetensors_problem
+
+logger = logging.getLogger(__name__)
 
 CACHE_ENV = "COLQWEN3_CACHE"
 TINY_VERSION = 1  # bump when the tiny checkpoint's contents change, so caches rebuild
@@ -142,16 +144,7 @@ def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, overwrite: bool
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True or choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        _write_tiny(tmp, seed)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return build_folder(path, lambda tmp: _write_tiny(tmp, seed))
 
 
 def cache_dir() -> Path:
@@ -159,15 +152,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "colqwen3")
 
 
+def _damage(path: Path) -> str | None:
+    """None if the cached checkpoint is whole, else what is wrong with it."""
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        try:
+            json.loads((path / name).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            return f"{name} is unreadable ({type(err).__name__})"
+    problem = safetensors_problem(path / "model.safetensors")
+    return f"model.safetensors {problem}" if problem else None
+
+
 def tiny_checkpoint_path() -> Path:
-    """The cached tiny checkpoint, built on first use (safe when several processes ask at once)."""
+    """The cached tiny checkpoint, built on first use and rebuilt if damaged (safe when several processes ask at once)."""
     from filelock import FileLock
 
     path = cache_dir() / f"tiny-qwen3-vl-v{TINY_VERSION}"
-    if not (path / "model.safetensors").exists():
+    if _damage(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
-            if not (path / "model.safetensors").exists():
+            damage = _damage(path)
+            if damage:
+                if path.exists():
+                    logger.warning(f"the cached tiny checkpoint {path} is damaged ({damage}): rebuilding it")
                 make_tiny_checkpoint(path, overwrite=True)
     return path
 

@@ -13,6 +13,7 @@ import logging
 import sys
 
 from .config import LATEST, NO_EVAL, TINY_DEFAULTS, TINY_PAIRWISE_DEFAULTS, TrainConfig, default_config
+from .losses import NonFiniteLossError
 from .model import ATTENTION_IMPLEMENTATIONS
 from .oom import TrainingOutOfMemoryError
 from .reference import BASE_MODEL, TRAIN_DATASET
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(config)
     except KeyboardInterrupt:
         return 130  # train() has logged where the last checkpoint is
-    except (TrainingOutOfMemoryError, FileExistsError, ValueError) as err:
+    except (TrainingOutOfMemoryError, NonFiniteLossError, FileExistsError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     summary = result.metrics["summary"]

@@ -31,6 +31,7 @@ from .config import (
     world_size,
 )
 from .data import PairDataset, load_pairs
+from .files import write_json
 from .fingerprint import base_fingerprint, write_fingerprint
 from .hf_trainer import train_hf
 from .loop import train_torch_loop
@@ -39,7 +40,7 @@ from .losses import NonFiniteLossError
 from .model import ColQwen3
 from .oom import TrainingOutOfMemoryError, find_batch_size, is_oom_error, oom_advice
 from .processor import ColQwen3Processor
-from .runs import check_resume, prepare_output_dir, write_json, write_record
+from .runs import check_resume, prepare_output_dir, write_record
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +122,12 @@ def _train_once(
     eval_set = None
     if config.eval_dataset != NO_EVAL:
         eval_name = config.eval_dataset or config.train_dataset
-        try:
-            eval_set = load_pairs(eval_name, "test")
+        try:  # the training set's own test split must really exist: never its training rows again
+            eval_set = load_pairs(eval_name, "test", single_as_any_split=bool(config.eval_dataset))
         except ValueError as err:
             if config.eval_dataset:  # asked for explicitly: say why it cannot be used
                 raise
-            logger.warning(f"no evaluation: {err}")
+            logger.warning(f"no evaluation loss: {err}; pass --eval-dataset to evaluate on another set")
     model, processor = build_model(config)
     run = train_hf if config.trainer == "hf" else train_torch_loop
     metrics = run(config, model, processor, train_set, eval_set, resume=resume, hook=hook, on_log=on_log)
