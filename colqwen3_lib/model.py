@@ -20,6 +20,7 @@ from transformers import AutoConfig
 from transformers.models.qwen3_vl import Qwen3VLConfig, Qwen3VLModel
 
 from .architectures import real_config
+from .fingerprint import check_fingerprint
 from .processor import ColQwen3Processor
 from .reference import EMBEDDING_DIM, MAX_VISUAL_TOKENS
 from .tiny import resolve_model_path
@@ -412,9 +413,18 @@ def load_model(
         (model in eval mode, processor).
 
     Raises:
-        ValueError: the adapter does not fit the base model.
+        ValueError: the adapter does not fit the base model, or was trained on other base weights
+            (`fingerprint.py`); `device` is CUDA and there is no GPU.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device} was asked for, but no CUDA GPU is visible; pass --device cpu (or none)"
+        )
+    model_path = str(model_path)
+    resolve_model_path(
+        model_path
+    )  # builds the tiny checkpoint first, so that it draws nothing from the seed below
     torch.manual_seed(seed)
     model = ColQwen3.from_pretrained(
         model_path,
@@ -427,6 +437,7 @@ def load_model(
     trained = not new_head
     if adapter is not None:
         config = check_adapter(adapter, model, str(model_path))
+        check_fingerprint(adapter, model, str(model_path))
         if new_head and HEAD not in (config.get("modules_to_save") or []):
             logger.warning(
                 f"the base model has no {HEAD} and adapter {adapter} does not save one (modules_to_save): "
