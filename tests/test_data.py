@@ -1,94 +1,24 @@
-import numpy as np
+"""Reading datasets (`load_split`, the `synthetic` sentinel) and the training data pipeline: query-page
+pairs, the collator (with its page cache), errors that name the row, and the epoch order."""
+
+import io
+from pathlib import Path
+
 import pytest
+import torch
 
-from colqwen3_lib.data import COLOURS, KINDS, ORIENTATIONS, SYNTHETIC_TASKS, load_split, make_synthetic_docs
+from colqwen3_lib import ColQwen3Processor
+from colqwen3_lib.data import ContrastiveCollator, EpochShuffler, load_pairs, load_split
+from colqwen3_lib.training import train
 
-TRAIN_COLUMNS = {
-    "query",
-    "image",
-    "image_filename",
-    "answer",
-    "source",
-    "options",
-    "page",
-    "model",
-    "prompt",
-    "answer_type",
-}
-QA_COLUMNS = {"query", "image", "image_filename", "answer", "source", "page"}
+# ---------------------------------------------------------------------------------------- load_split
 
 
-def test_train_set_has_the_colpali_train_set_schema(synthetic):
-    for split in ("train", "test"):
-        rows = load_split(synthetic["colpali_train_set"], split)
-        assert set(rows.column_names) == TRAIN_COLUMNS
-        assert all(isinstance(q, str) and q for q in rows["query"])
+def test_the_synthetic_sentinel_loads_the_synthetic_train_set(synthetic):
     assert (
         load_split("synthetic", "train").num_rows
         == load_split(synthetic["colpali_train_set"], "train").num_rows
     )
-
-
-@pytest.mark.parametrize("task", sorted(SYNTHETIC_TASKS))
-def test_test_tasks_have_the_vidore_qa_schema_with_distractors(synthetic, task):
-    rows = load_split(synthetic[task], "test")
-    assert QA_COLUMNS <= set(rows.column_names)
-    queries = rows["query"]
-    assert any(q is None for q in queries)  # distractor pages
-    assert sum(q is not None for q in queries) >= len(queries) // 2
-    assert len(set(rows["image_filename"])) == rows.num_rows  # every page distinct
-
-
-def _attributes(answer: str) -> tuple[str, str, str]:
-    colour = next(c for c in COLOURS if c in answer)
-    kind = next(k for k in KINDS if f" {k} " in f" {answer} ")
-    orientation = next(o for o in ORIENTATIONS if o in answer)
-    return colour, kind, orientation
-
-
-def test_queries_name_what_is_visible_on_their_page(synthetic):
-    rows = load_split(synthetic["colpali_train_set"], "train")
-    for query, answer in zip(rows["query"][:50], rows["answer"][:50]):
-        assert all(attribute in query.lower() for attribute in _attributes(answer)), (query, answer)
-
-
-@pytest.mark.parametrize("task", SYNTHETIC_TASKS)
-def test_each_test_query_is_answered_by_its_page_alone(synthetic, task):
-    """A QA test set has one relevant page per query: no other page may match what the query asks for."""
-    rows = load_split(synthetic[task], "test")
-    pages = [_attributes(answer) for answer in rows["answer"]]
-    for query, page in zip(rows["query"], pages):
-        if query is None:
-            continue
-        matches = [p for p in pages if all(attribute in query.lower() for attribute in p)]
-        assert matches == [page], query
-
-
-def test_the_main_colour_dominates_the_page(synthetic):
-    rows = load_split(synthetic["colpali_train_set"], "train").select(range(40))
-    names, palette = list(COLOURS), np.array(list(COLOURS.values()), dtype=float)
-    for image, answer in zip(rows["image"], rows["answer"]):
-        pixels = np.asarray(image, dtype=float).reshape(-1, 3)
-        saturated = pixels[np.abs(pixels - pixels.mean(axis=1, keepdims=True)).sum(axis=1) > 100]
-        assert len(saturated) > 0.01 * len(pixels), answer
-        nearest = np.linalg.norm(saturated[:, None] - palette[None], axis=2).argmin(axis=1)
-        assert names[np.bincount(nearest).argmax()] in answer  # most saturated pixels are the named colour
-
-
-def test_same_seed_same_pages(tmp_path):
-    a = make_synthetic_docs(tmp_path / "a", n_train=6, n_test=4, seed=1)
-    b = make_synthetic_docs(tmp_path / "b", n_train=6, n_test=4, seed=1)
-    c = make_synthetic_docs(tmp_path / "c", n_train=6, n_test=4, seed=2)
-    ra, rb, rc = (load_split(x["colpali_train_set"], "train") for x in (a, b, c))
-    assert ra["query"] == rb["query"]
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(ra["image"], rb["image"]))
-    assert ra["query"] != rc["query"]
-
-
-def test_pages_vary_in_size_and_orientation(synthetic):
-    sizes = {image.size for image in load_split(synthetic["colpali_train_set"], "train")["image"]}
-    assert len(sizes) > 20
-    assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes)
 
 
 def test_missing_split_lists_the_ones_that_exist(synthetic):
@@ -96,7 +26,69 @@ def test_missing_split_lists_the_ones_that_exist(synthetic):
         load_split(synthetic["colpali_train_set"], "validation")
 
 
-def test_too_many_test_pages_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="at most 48 distinct test pages"):
-        make_synthetic_docs(tmp_path / "x", n_train=2, n_test=60)
-    assert not (tmp_path / "x").exists()
+# ------------------------------------------------------------------------------------------ pipeline
+
+
+def test_cached_collation_equals_the_processor(synthetic):
+    pairs = load_pairs("synthetic", "train")
+    processor = ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=16)
+    cached = ContrastiveCollator(processor, cache_pages=True)
+    plain = ContrastiveCollator(processor)
+    for rows in ([0, 1, 2, 3], [2, 5, 0, 7]):  # the second batch reuses cached pages next to new ones
+        batch = [pairs[i] for i in rows]
+        got, expected = cached(batch), plain(batch)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], msg=key)
+
+
+def _write_dataset(path: Path, images: list, queries: list, columns=("query", "image")) -> str:
+    from datasets import Dataset, DatasetDict, Features, Image, Value
+
+    rows = {"query": queries, "image": images}
+    features = Features({"query": Value("string"), "image": Image()})
+    split = Dataset.from_dict(
+        {k: rows[k] for k in columns}, features=Features({k: features[k] for k in columns})
+    )
+    DatasetDict(train=split).save_to_disk(str(path))
+    return str(path)
+
+
+def _png(colour) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_a_missing_column_says_what_to_change(tmp_path, small_config):
+    path = _write_dataset(
+        tmp_path / "d", [{"bytes": _png("red"), "path": None}] * 2, ["a", "b"], columns=("image",)
+    )
+    with pytest.raises(
+        ValueError, match=r"no 'query' column.*rename the columns or pass another --train-dataset"
+    ):
+        train(small_config(tmp_path / "out", train_dataset=path))
+
+
+def test_an_unreadable_image_names_its_row(tmp_path, small_config):
+    images = [{"bytes": _png(c), "path": None} for c in ("red", "blue", "green", "navy")]
+    images[2] = {"bytes": b"not an image at all", "path": None}
+    path = _write_dataset(tmp_path / "d", images, ["red page", "blue page", "green page", "navy page"])
+    config = small_config(tmp_path / "out", train_dataset=path, per_device_train_batch_size=4, max_steps=1)
+    with pytest.raises(ValueError, match=r"row 2: the image could not be decoded .*fix or remove that row"):
+        train(config)
+
+
+def test_the_epoch_order_depends_only_on_seed_and_epoch():
+    """What lets a resumed run see the batches an uninterrupted one would have."""
+
+    def order(seed, epoch):
+        sampler = EpochShuffler(16, seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert sorted(order(0, 0)) == list(range(16))
+    assert order(0, 3) == order(0, 3)
+    assert order(0, 3) != order(0, 4) and order(0, 3) != order(1, 3)

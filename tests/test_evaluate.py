@@ -8,9 +8,12 @@ import sys
 import pytest
 import torch
 
-from colqwen3_lib import evaluation as ev
-from colqwen3_lib.data import SYNTHETIC_TASKS
 from colqwen3_lib.evaluate import main
+from colqwen3_lib.evaluation import evaluate_model
+from colqwen3_lib.metrics import K_VALUES, SUMMARY_METRICS
+from colqwen3_lib.model import load_model
+from colqwen3_lib.results import RESULTS_FILE, compare_results
+from colqwen3_lib.synthetic import SYNTHETIC_TASKS
 
 FAST = ["--max-visual-tokens", "32", "--no-progress"]  # small pages keep the tiny model quick
 CHARTS = "synthetic_charts_test"
@@ -66,27 +69,27 @@ def adapter(tmp_path_factory):
 def test_cli_writes_results_for_every_synthetic_task(baseline, capsys):
     files = sorted(p.name for p in baseline.iterdir())
     assert files == sorted(
-        [ev.RESULTS_FILE, "summary.csv", "summary.md", *(f"{t}.json" for t in SYNTHETIC_TASKS)]
+        [RESULTS_FILE, "summary.csv", "summary.md", *(f"{t}.json" for t in SYNTHETIC_TASKS)]
     )
-    results = json.loads((baseline / ev.RESULTS_FILE).read_text())
+    results = json.loads((baseline / RESULTS_FILE).read_text())
     assert results["metadata"]["model_path"] == "tiny" and results["metadata"]["max_visual_tokens"] == 32
     assert list(results["results"]) == list(SYNTHETIC_TASKS)
     for task in SYNTHETIC_TASKS:
         per_task = json.loads((baseline / f"{task}.json").read_text())
         assert per_task["task"] == task and per_task["n_pages"] == 32 and 0 < per_task["n_queries"] <= 24
-        for k in ev.K_VALUES:
+        for k in K_VALUES:
             assert 0.0 <= per_task["metrics"][f"ndcg_at_{k}"] <= 1.0
         assert per_task["metrics"]["recall_at_100"] == 1.0  # all 32 pages are ranked
     summary = (baseline / "summary.md").read_text()
     assert all(f"| {task} |" in summary for task in SYNTHETIC_TASKS) and "| average |" in summary
     csv_header = (baseline / "summary.csv").read_text().splitlines()[0]
-    assert csv_header == "task,n_queries,n_pages," + ",".join(ev.SUMMARY_METRICS)
+    assert csv_header == "task,n_queries,n_pages," + ",".join(SUMMARY_METRICS)
 
 
 def test_library_call_gives_the_cli_results(baseline):
-    model, processor = ev.load_model("tiny", max_visual_tokens=32)
-    results = ev.evaluate_model(model, processor, [CHARTS], show_progress=False)
-    saved = json.loads((baseline / ev.RESULTS_FILE).read_text())["results"]
+    model, processor = load_model("tiny", max_visual_tokens=32)
+    results = evaluate_model(model, processor, [CHARTS], show_progress=False)
+    saved = json.loads((baseline / RESULTS_FILE).read_text())["results"]
     assert results[CHARTS]["metrics"] == pytest.approx(saved[CHARTS]["metrics"], abs=1e-9)
 
 
@@ -100,7 +103,7 @@ def test_adapter_evaluates_like_the_model_it_was_saved_from(adapter, baseline, t
     from colqwen3_lib import ColQwen3Processor
 
     processor = ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=32)
-    in_memory = ev.evaluate_model(peft_model.eval(), processor, [CHARTS], show_progress=False)[CHARTS]
+    in_memory = evaluate_model(peft_model.eval(), processor, [CHARTS], show_progress=False)[CHARTS]
     from_cli = json.loads((out / f"{CHARTS}.json").read_text())
     assert from_cli["metadata"]["adapter"] == str(path)
     assert from_cli["metrics"] == pytest.approx(in_memory["metrics"], abs=1e-6)
@@ -114,7 +117,7 @@ def test_adapter_evaluates_like_the_model_it_was_saved_from(adapter, baseline, t
         and "delta ndcg_at_5" in printed
         and "synthetic_documents_test" not in printed
     )
-    rows = ev.compare_results(baseline, out)
+    rows = compare_results(baseline, out)
     before = json.loads((baseline / f"{CHARTS}.json").read_text())["metrics"]["ndcg_at_10"]
     assert rows[0]["delta ndcg_at_10"] == pytest.approx(from_cli["metrics"]["ndcg_at_10"] - before)
     assert (tmp_path / "cmp" / "comparison.md").exists() and (tmp_path / "cmp" / "comparison.csv").exists()
@@ -157,7 +160,7 @@ def test_dataset_problems_are_named(tmp_path, capsys):
 
 
 def test_module_entry_point_compares(baseline, monkeypatch, capsys):
-    args = ["python -m colqwen3_lib.evaluate", "--compare", str(baseline), str(baseline / ev.RESULTS_FILE)]
+    args = ["python -m colqwen3_lib.evaluate", "--compare", str(baseline), str(baseline / RESULTS_FILE)]
     monkeypatch.setattr(sys, "argv", args)
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("colqwen3_lib.evaluate", run_name="__main__")
@@ -186,4 +189,4 @@ def test_processor_saved_with_the_adapter_sets_the_page_size(adapter, tmp_path):
         "--no-progress",
     ]
     assert run_cli(*args) == 0
-    assert json.loads((out / ev.RESULTS_FILE).read_text())["metadata"]["max_visual_tokens"] == 16
+    assert json.loads((out / RESULTS_FILE).read_text())["metadata"]["max_visual_tokens"] == 16

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from colqwen3_lib import ColQwen3, estimate_memory, resolve_attn_implementation
-from colqwen3_lib.memory import TrainingSetup, measure_training_step
+from colqwen3_lib.measure import measure_training_step
+from colqwen3_lib.memory import TrainingSetup
 
 pytestmark = pytest.mark.gpu
 

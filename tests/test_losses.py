@@ -1,12 +1,23 @@
-"""The contrastive losses against loop-based reference computations and hand-checked values."""
+"""The contrastive losses against loop-based reference computations and hand-checked values, and
+multi-process in-batch negatives (pages gathered across processes) against one process."""
 
 import math
+import os
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from colqwen3_lib.losses import ColbertContrastiveLoss, gather_with_grad, maxsim_scores, paired_scores
+from colqwen3_lib.data import ContrastiveCollator, load_pairs
+from colqwen3_lib.losses import (
+    ColbertContrastiveLoss,
+    contrastive_loss,
+    gather_with_grad,
+    maxsim_scores,
+    paired_scores,
+)
 
 
 def _random_embeddings(n: int, max_tokens: int, dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -140,3 +151,89 @@ def test_invalid_settings_are_refused(generator):
     qs = _random_embeddings(3, 4, 8, generator)
     with pytest.raises(ValueError, match="need at least"):
         ColbertContrastiveLoss("ce")(qs, qs, offset=1)
+
+
+# ---------------------------------------------------------------------------------- multi-process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _embed_and_backprop(rank, world, rows, out_file, port):
+    """One process: its share of the global batch; pages gathered across processes; loss and grads saved."""
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from colqwen3_lib import ColQwen3, ColQwen3Processor
+
+    torch.manual_seed(0)  # the same newly initialised head in every process
+    model = ColQwen3.from_pretrained(
+        "tiny"
+    ).eval()  # eval: no dropout, so processes compute the same function
+    processor = ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=16)
+    pairs = load_pairs("synthetic", "train")
+    local = rows[rank * len(rows) // world : (rank + 1) * len(rows) // world]
+    batch = ContrastiveCollator(processor)([pairs[i] for i in local])
+    loss = contrastive_loss(model, batch, ColbertContrastiveLoss("ce"))
+    loss.backward()
+    names = (
+        "custom_text_proj.weight",
+        "language_model.layers.1.mlp.up_proj.weight",
+        "visual.blocks.0.attn.qkv.weight",
+    )
+    grads = {n: p.grad for n, p in model.named_parameters() if n in names}
+    torch.save(
+        {"loss": loss.detach(), "grads": grads, "page_tokens": batch["doc_input_ids"].shape[1]}, out_file
+    )
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _short_then_long_rows(n: int) -> list[int]:
+    """n rows: the first half the pages with fewest visual tokens, the second with most, so that the
+    two processes' pages differ in length."""
+    from datasets import Image
+
+    from colqwen3_lib import ColQwen3Processor
+
+    processor = ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=16)
+    pairs = load_pairs("synthetic", "train")
+    images = pairs.dataset.cast_column("image", Image(decode=True))["image"][:64]
+    tokens = [int(torch.tensor(processor.get_n_patches(im.size, 2)).prod()) for im in images]
+    order = sorted(range(len(images)), key=lambda i: tokens[i])
+    return order[: n // 2] + order[-(n // 2) :]
+
+
+def _run_two_processes(tmp_path, rows):
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_embed_and_backprop, args=(rank, 2, rows, tmp_path / f"rank{rank}.pt", port))
+        for rank in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+
+
+def test_two_processes_see_each_others_pages_and_match_one_process(tmp_path):
+    """Two gloo processes, 4 pairs each: the loss and the gradients equal one process's on all 8."""
+    rows = _short_then_long_rows(8)
+    _embed_and_backprop(0, 1, rows, tmp_path / "single.pt", 0)
+    single = torch.load(tmp_path / "single.pt")
+    ranks = _run_two_processes(tmp_path, rows)
+    assert ranks[0]["page_tokens"] != ranks[1]["page_tokens"]  # the gather had to pad
+    # Each process's loss is the mean over its own queries, against all 8 pages.
+    assert float((ranks[0]["loss"] + ranks[1]["loss"]) / 2) == pytest.approx(float(single["loss"]), rel=1e-5)
+    assert float(ranks[0]["loss"]) != pytest.approx(float(ranks[1]["loss"]), rel=1e-3)
+    # DDP averages the processes' gradients: that average is the single-process gradient.
+    for name, grad in single["grads"].items():
+        averaged = (ranks[0]["grads"][name] + ranks[1]["grads"][name]) / 2
+        torch.testing.assert_close(averaged, grad, atol=1e-6, rtol=1e-4, msg=name)

@@ -1,3 +1,8 @@
+"""ColQwen3: loading Instruct and ColQwen3 checkpoints, the embeddings, saving and reloading, the
+attention kernel chosen for where the model goes (flash_attention_2 -> sdpa -> eager, and the one log
+line that explains it), dtype and device helpers, and random models of the published architectures."""
+
+import importlib.util
 import json
 import logging
 
@@ -8,6 +13,18 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen3VLForConditionalGeneration
 
 from colqwen3_lib import ColQwen3
+from colqwen3_lib import model as model_module
+from colqwen3_lib.model import (
+    default_dtype,
+    device_of,
+    embed_batch,
+    random_model,
+    resolve_attn_implementation,
+    use_bf16,
+)
+
+LOGGER = "colqwen3_lib.model"
+INSTALL_HINT = "pip install flash-attn --no-build-isolation"  # the reference README's fix
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +140,160 @@ def test_flash_attention_request_falls_back_to_sdpa_on_cpu(tiny_path, caplog):
         model = ColQwen3.from_pretrained(tiny_path, attn_implementation="flash_attention_2")
     assert model.config._attn_implementation == "sdpa"
     assert sum("using sdpa" in r.message for r in caplog.records) == 1
+
+
+# ------------------------------------------------------------------ attention
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend a CUDA device of a given compute capability exists, with or without flash-attn installed."""
+
+    def setup(flash_installed: bool, capability: tuple[int, int] = (9, 0)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        real_find_spec = importlib.util.find_spec
+
+        def find_spec(name, *args, **kwargs):
+            if name == "flash_attn":
+                return object() if flash_installed else None
+            return real_find_spec(name, *args, **kwargs)
+
+        monkeypatch.setattr(model_module.importlib.util, "find_spec", find_spec)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+    return setup
+
+
+def _resolve(caplog, requested, device):
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        chosen = resolve_attn_implementation(requested, device)
+    records = [r for r in caplog.records if r.name == LOGGER]
+    assert len(records) == 1, f"expected one log line, got {[r.getMessage() for r in records]}"
+    return chosen, records[0]
+
+
+def test_cpu_picks_sdpa_and_says_why(caplog):
+    chosen, record = _resolve(caplog, None, "cpu")
+    assert chosen == "sdpa"
+    assert record.levelno == logging.INFO
+    assert "needs a CUDA GPU" in record.getMessage()
+
+
+def test_flash_request_on_cpu_falls_back_with_a_warning(caplog):
+    chosen, record = _resolve(caplog, "flash_attention_2", "cpu")
+    assert chosen == "sdpa"
+    assert record.levelno == logging.WARNING
+    assert "flash_attention_2 needs a CUDA GPU" in record.getMessage()
+
+
+def test_gpu_with_flash_attn_picks_flash(caplog, fake_gpu):
+    fake_gpu(flash_installed=True)
+    for requested in (None, "flash_attention_2"):
+        chosen, record = _resolve(caplog, requested, "cuda")
+        assert chosen == "flash_attention_2"
+        assert "flash_attention_2" in record.getMessage()
+
+
+@pytest.mark.parametrize("requested, level", [(None, logging.INFO), ("flash_attention_2", logging.WARNING)])
+def test_gpu_without_flash_attn_falls_back_to_sdpa_with_the_install_hint(caplog, fake_gpu, requested, level):
+    fake_gpu(flash_installed=False)
+    chosen, record = _resolve(caplog, requested, "cuda")
+    assert chosen == "sdpa"
+    assert record.levelno == level
+    assert "not installed" in record.getMessage()
+    assert INSTALL_HINT in record.getMessage()
+
+
+def test_pre_ampere_gpu_does_not_get_flash_attention(caplog, fake_gpu):
+    fake_gpu(flash_installed=True, capability=(7, 5))  # e.g. a T4
+    chosen, record = _resolve(caplog, None, "cuda")
+    assert chosen == "sdpa"
+    assert "compute capability 8.0" in record.getMessage()
+
+
+@pytest.mark.parametrize("requested", ["sdpa", "eager"])
+def test_explicit_sdpa_or_eager_is_kept(caplog, requested):
+    chosen, record = _resolve(caplog, requested, "cpu")
+    assert chosen == requested
+    assert requested in record.getMessage()
+
+
+def test_sdpa_falls_back_to_eager_without_the_torch_kernel(caplog, monkeypatch):
+    monkeypatch.delattr(model_module.F, "scaled_dot_product_attention")
+    chosen, record = _resolve(caplog, "sdpa", "cpu")
+    assert chosen == "eager"
+    assert record.levelno == logging.WARNING
+    assert "scaled_dot_product_attention" in record.getMessage()
+
+
+def test_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_attn_implementation("flash_attention_3", "cpu")
+
+
+def test_from_pretrained_uses_the_resolved_implementation(tiny_path):
+    best = ColQwen3.from_pretrained(tiny_path, torch_dtype=torch.float32)
+    eager = ColQwen3.from_pretrained(tiny_path, torch_dtype=torch.float32, attn_implementation="eager")
+    assert best.config._attn_implementation == "sdpa"  # no device_map: the model stays on the CPU
+    assert eager.config._attn_implementation == "eager"
+
+
+def test_without_a_device_map_the_model_gets_sdpa_even_where_cuda_exists(tiny_path, caplog, fake_gpu):
+    """The kernel is chosen for where the model goes: the CPU without a device_map, whatever GPU exists."""
+    fake_gpu(flash_installed=True)
+    assert resolve_attn_implementation(None) == "sdpa"  # no device: the CPU
+    assert resolve_attn_implementation(None, device_of({"": 0})) == "flash_attention_2"
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        model = ColQwen3.from_pretrained(tiny_path, torch_dtype=torch.float32)
+    assert model.config._attn_implementation == "sdpa"
+    assert "the model goes to the CPU" in caplog.text
+
+
+def test_device_of_a_device_map(monkeypatch):
+    assert device_of(None) == torch.device("cpu")
+    assert device_of("cpu") == torch.device("cpu")
+    assert device_of(1) == torch.device("cuda", 1)
+    assert device_of({"": 0}) == torch.device("cuda", 0)
+    assert device_of({"": "cuda:1"}) == torch.device("cuda", 1)
+    assert device_of({"visual": "cpu", "language_model": "disk"}) == torch.device("cpu")
+    assert device_of({"visual": "cpu", "language_model": 0}) == torch.device("cuda", 0)
+    for available, expected in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert device_of("auto") == torch.device(expected)
+
+
+def test_bf16_only_on_a_cuda_device_that_supports_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not use_bf16() and default_dtype() == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert use_bf16() and use_bf16("cuda:0") and default_dtype("cuda") == torch.bfloat16
+    assert not use_bf16("cpu") and default_dtype("cpu") == torch.float32  # a CPU model stays float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert not use_bf16("cuda") and default_dtype("cuda") == torch.float32
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def test_embed_batch_gives_each_item_its_real_tokens(model, processor):
+    batch = processor.process_queries(["red pie chart", "Which page shows a blue table in landscape layout?"])
+    embeddings = embed_batch(model, batch)
+    with torch.no_grad():
+        padded = model(**batch)  # (2, seq_len, dim)
+    mask = batch["attention_mask"].bool()
+    assert [e.shape for e in embeddings] == [(int(m.sum()), model.dim) for m in mask]
+    for embedding, row, m in zip(embeddings, padded, mask):
+        assert embedding.device.type == "cpu"
+        torch.testing.assert_close(embedding, row[m])
+
+
+def test_random_model_builds_the_real_architecture_without_a_download():
+    model = random_model("2b", device="meta", dim=128)
+    n_backbone = sum(
+        p.numel() for name, p in model.named_parameters() if not name.startswith("custom_text_proj")
+    )
+    assert n_backbone == 2_127_532_032  # lm_head is tied to the embeddings in the 2B model
+    assert model.custom_text_proj.weight.shape == (128, 2048)
+    assert model.dtype == torch.bfloat16

@@ -1,3 +1,5 @@
+"""The offline tiny checkpoint: the hub's file layout, Qwen's special tokens, reproducible weights."""
+
 import json
 
 import pytest
@@ -6,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from colqwen3_lib import make_tiny_checkpoint, resolve_model_path
-from colqwen3_lib.tiny import SPECIAL_TOKENS, real_config, real_config_dict
+from colqwen3_lib.architectures import SPECIAL_TOKENS
 
 HUB_FILES = {
     "config.json",
@@ -81,34 +83,3 @@ def test_tiny_sentinel_resolves_to_the_cached_checkpoint(tiny_path):
     assert resolve_model_path("tiny") == str(tiny_path)
     assert resolve_model_path("Qwen/Qwen3-VL-2B-Instruct") == "Qwen/Qwen3-VL-2B-Instruct"
     assert AutoConfig.from_pretrained(resolve_model_path("tiny")).model_type == "qwen3_vl"
-
-
-@pytest.mark.parametrize(
-    "size, published",
-    # Parameter counts of Qwen/Qwen3-VL-{2B,4B,8B}-Instruct as the hub reports them.
-    [("2b", 2_127_532_032), ("4b", 4_437_815_808), ("8b", 8_767_123_696)],
-)
-def test_real_architectures_match_the_published_parameter_counts(size, published):
-    from transformers import Qwen3VLForConditionalGeneration
-
-    with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(real_config(size))
-    assert sum(p.numel() for p in model.parameters()) == published
-    assert real_config_dict(size)["text_config"]["tie_word_embeddings"] is (size != "8b")
-
-
-def test_unknown_size_is_a_clear_error():
-    with pytest.raises(ValueError, match="choose one of"):
-        real_config("3b")
-
-
-def test_random_model_builds_the_real_architecture_without_a_download():
-    from colqwen3_lib.tiny import random_model
-
-    model = random_model("2b", device="meta", dim=128)
-    n_backbone = sum(
-        p.numel() for name, p in model.named_parameters() if not name.startswith("custom_text_proj")
-    )
-    assert n_backbone == 2_127_532_032  # lm_head is tied to the embeddings in the 2B model
-    assert model.custom_text_proj.weight.shape == (128, 2048)
-    assert model.dtype == torch.bfloat16

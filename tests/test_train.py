@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from colqwen3_lib.config import TINY_DEFAULTS, TINY_PAIRWISE_DEFAULTS
 from colqwen3_lib.train import build_parser, config_from_args, main
-from colqwen3_lib.training import TINY_DEFAULTS, TINY_PAIRWISE_DEFAULTS
 
 REFERENCE_ARGUMENTS = {  # train_colqwen3_model.py's arguments and defaults, from its README
     "base_model_path": "Qwen/Qwen3-VL-2B-Instruct",

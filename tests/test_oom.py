@@ -1,0 +1,130 @@
+"""When training does not fit: settings that fit a memory budget, the verdicts on the reference settings,
+shrinking the batch on out-of-memory errors, and the advice that names what to change."""
+
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+
+from colqwen3_lib import oom
+from colqwen3_lib.config import default_config
+from colqwen3_lib.memory import GIB, TrainingSetup, estimate_memory
+from colqwen3_lib.reference import RECOMMENDED_BATCHES
+
+# ---------------------------------------------------------------- settings that fit
+
+
+def test_suggestion_keeps_the_effective_batch_and_fits_the_budget():
+    setup = TrainingSetup(model_size="2b", batch_size=64)  # ~21.5 GiB: more than 90% of 20 GiB
+    suggestion = oom.suggest_settings(20, setup)
+    assert suggestion.fits and 0 < suggestion.batch_size < 64
+    assert suggestion.batch_size * suggestion.gradient_accumulation_steps == 64  # exactly the wanted batch
+    assert suggestion.estimate.total <= 20 * GIB * 0.9
+    largest = oom.largest_batch_size(20 * GIB * 0.9, setup)
+    assert estimate_memory(setup, batch_size=largest + 1).total > 20 * GIB * 0.9
+    assert largest / 2 < suggestion.batch_size <= largest  # a divisor of 64 close to the largest that fits
+    assert "gradient accumulation" in suggestion.note
+
+    roomy = oom.suggest_settings(1000, setup)
+    assert (roomy.batch_size, roomy.gradient_accumulation_steps, roomy.note) == (64, 1, "fits")
+
+    hopeless = oom.suggest_settings(4, replace(setup, model_size="8b"))
+    assert not hopeless.fits and "does not fit" in hopeless.note
+
+
+def test_gradient_accumulation_steps():
+    assert oom.gradient_accumulation_steps(64, 16) == 4
+    assert oom.gradient_accumulation_steps(64, 24) == 3
+    assert oom.gradient_accumulation_steps(64, 16, num_devices=4) == 1
+    assert oom.gradient_accumulation_steps(64, 128) == 1
+
+
+def test_recommended_verdicts():
+    without_gpu = oom.recommended_verdicts(None)
+    assert [(v["model"], v["batch"]) for v in without_gpu] == list(RECOMMENDED_BATCHES)
+    assert {v["verdict"] for v in without_gpu} == {"does not fit"}
+    on_80 = {(v["model"], v["batch"]): v["verdict"] for v in oom.recommended_verdicts(80)}
+    assert on_80[("2b", 64)] == "fits"
+    on_24 = {(v["model"], v["batch"]): v["verdict"] for v in oom.recommended_verdicts(24)}
+    assert on_24[("8b", 32)] in ("needs grad. accumulation", "does not fit")
+
+
+# ---------------------------------------------------------------- out-of-memory errors
+
+
+def _fits_up_to(limit: int, calls: list[int]):
+    def step(batch_size: int) -> str:
+        calls.append(batch_size)
+        if batch_size > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {batch_size} GiB")
+        return f"trained at {batch_size}"
+
+    return step
+
+
+def test_find_batch_size_halves_until_it_fits(caplog):
+    calls: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="colqwen3_lib.oom"):
+        batch, result = oom.find_batch_size(_fits_up_to(10, calls), start_batch_size=64)
+    assert (batch, result) == (8, "trained at 8")
+    assert calls == [64, 32, 16, 8]
+    assert len(caplog.records) == 3 and "retrying with 32" in caplog.records[0].getMessage()
+
+
+def test_find_batch_size_gives_advice_when_nothing_fits():
+    calls: list[int] = []
+    with pytest.raises(oom.TrainingOutOfMemoryError) as raised:
+        oom.find_batch_size(_fits_up_to(0, calls), start_batch_size=4)
+    assert calls == [4, 2, 1]
+    message = str(raised.value)
+    for fix in (
+        "--per-device-train-batch-size",
+        "gradient checkpointing",
+        "--peft",
+        "--max-visual-tokens 512",
+    ):
+        assert fix in message
+    with pytest.raises(oom.TrainingOutOfMemoryError, match="^nothing fits at batch 2$"):
+        oom.find_batch_size(
+            _fits_up_to(0, []), 8, min_batch_size=2, advice=lambda batch: f"nothing fits at batch {batch}"
+        )
+
+
+def test_find_batch_size_lets_other_errors_through():
+    def broken(batch_size):
+        raise ValueError("not a memory problem")
+
+    with pytest.raises(ValueError, match="not a memory problem"):
+        oom.find_batch_size(broken, 8)
+
+
+def test_is_oom_error():
+    assert oom.is_oom_error(torch.OutOfMemoryError("anything"))
+    assert oom.is_oom_error(
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1")
+    )
+    assert not oom.is_oom_error(RuntimeError("shape mismatch"))
+    assert not oom.is_oom_error(oom.TrainingOutOfMemoryError("out of memory: already advised"))
+
+
+# ---------------------------------------------------------------- advice
+
+
+def test_oom_advice_suggests_settings_that_fit():
+    setup = TrainingSetup(model_size="8b", batch_size=32)
+    advice = oom.oom_advice(setup, memory_gib=24)
+    suggestion = oom.suggest_settings(24, setup)
+    assert "estimated peak" in advice
+    assert f"--per-device-train-batch-size {suggestion.batch_size}" in advice
+    assert f"--gradient-accumulation-steps {suggestion.gradient_accumulation_steps}" in advice
+
+
+def test_out_of_memory_advice_for_the_reference_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same advice on any machine
+    message = oom.oom_advice(default_config(tmp_path).memory_setup())
+    assert "--per-device-train-batch-size 64" in message and "--max-visual-tokens 768" in message
+    assert "gradient checkpointing on" in message
+    assert "--per-device-train-batch-size 32 --gradient-accumulation-steps 2" in message
+    assert "--max-visual-tokens 512" in message and "--peft" in message
+    assert "No checkpoint was written yet" in message

@@ -1,0 +1,31 @@
+"""Evaluation results on disk (per-task JSON, results.json, summary tables) and their comparison."""
+
+import pytest
+
+from colqwen3_lib.metrics import SUMMARY_METRICS
+from colqwen3_lib.results import compare_results, read_results, write_results
+
+
+def _result(ndcg5: float, ndcg10: float) -> dict:
+    metrics = {m: 0.5 for m in SUMMARY_METRICS} | {"ndcg_at_5": ndcg5, "ndcg_at_10": ndcg10}
+    return {"format": "qa", "n_queries": 4, "n_pages": 8, "n_images": 8, "metrics": metrics, "seconds": {}}
+
+
+def test_result_files_and_comparison(tmp_path):
+    before = {"a": _result(0.2, 0.3), "b/c": _result(0.4, 0.5)}
+    after = {"a": _result(0.5, 0.6), "b/c": _result(0.4, 0.7), "only_after": _result(1.0, 1.0)}
+    write_results(before, tmp_path / "before", {"model_path": "x"})
+    write_results(after, tmp_path / "after")
+    assert (tmp_path / "before" / "b_c.json").exists()
+    summary = (tmp_path / "before" / "summary.md").read_text()
+    assert "| average | 8 | 16 | 30.00 | 40.00 |" in summary
+    rows = compare_results(tmp_path / "before", tmp_path / "after" / "results.json")
+    assert [r["task"] for r in rows] == ["a", "b/c", "average"]
+    assert rows[0]["delta ndcg_at_5"] == pytest.approx(0.3)
+    assert rows[-1]["delta ndcg_at_10"] == pytest.approx((0.3 + 0.2) / 2)
+    assert read_results(tmp_path / "before" / "a.json")["a"]["metrics"]["ndcg_at_5"] == 0.2
+    with pytest.raises(ValueError, match="share no task"):
+        compare_results({"x": _result(0, 0)}, {"y": _result(0, 0)})
+    with pytest.raises(ValueError, match="not an evaluation result"):
+        (tmp_path / "other.json").write_text("{}")
+        read_results(tmp_path / "other.json")

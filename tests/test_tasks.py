@@ -1,0 +1,104 @@
+"""Evaluation tasks: ViDoRe QA and BEIR datasets reduced to queries, pages and qrels; dataset names."""
+
+import shutil
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from colqwen3_lib.synthetic import SYNTHETIC_TASKS
+from colqwen3_lib.tasks import (
+    BEIR,
+    BEIR_COLUMNS,
+    QA,
+    VIDORE_V1_TASKS,
+    expand_datasets,
+    load_task,
+    qa_task,
+)
+
+# ------------------------------------------------------------------ QA format
+
+
+def test_qa_task_structure(qa_dir):
+    task = load_task(qa_dir)
+    assert task.name == "tiny_qa_test" and task.format == QA
+    assert task.queries == ["A", "B", "C"]  # de-duplicated, distractors dropped
+    assert len(task.images) == 6  # rows 2 and 4 hold the same image
+    assert task.n_documents == 5  # distinct filenames
+    relevant = {q: next(iter(task.qrels[qid])) for q, qid in zip(task.queries, task.query_ids)}
+    assert relevant == {"A": "p3.png", "B": "p2.png", "C": "p4.png"}
+    assert all(list(judged.values()) == [1] for judged in task.qrels.values())
+
+
+def test_qa_errors_name_the_problem(tmp_path, qa_dataset):
+    no_filename = qa_dataset().remove_columns("image_filename")
+    with pytest.raises(ValueError, match="image_filename"):
+        qa_task(no_filename, "broken")
+    with pytest.raises(ValueError, match="empty"):
+        qa_task(qa_dataset().select([]), "empty_set")
+    with pytest.raises(ValueError, match="no queries"):
+        qa_task(qa_dataset([(None, 0, "a.png"), (None, 1, "b.png")]), "distractors_only")
+    with pytest.raises(ValueError, match="neither a local path nor a Hugging Face Hub id"):
+        load_task("no_such_dataset")
+    (tmp_path / "no_data").mkdir()
+    with pytest.raises(ValueError, match="no_data' holds no data"):
+        load_task(tmp_path / "no_data")
+
+
+# ------------------------------------------------------------------ BEIR format
+
+
+def test_beir_missing_column(beir_dir, tmp_path):
+    broken = tmp_path / "broken_beir"
+    shutil.copytree(beir_dir, broken)
+    shutil.rmtree(broken / "qrels")
+    qrels = Dataset.from_dict({"query-id": [1], "corpus-id": [2]})
+    DatasetDict(test=qrels).save_to_disk(str(broken / "qrels"))
+    with pytest.raises(ValueError, match=r"qrels.*\['score'\]"):
+        load_task(broken)
+
+
+# ------------------------------------------------------------------ dataset names
+
+
+def test_names_expand_to_tasks():
+    assert expand_datasets(["synthetic"]) == list(SYNTHETIC_TASKS)
+    assert expand_datasets(["vidore-v1"]) == list(VIDORE_V1_TASKS)
+    assert len(VIDORE_V1_TASKS) == 10
+    assert expand_datasets(["vidore/docvqa_test_subsampled,vidore/tatdqa_test"]) == [
+        "vidore/docvqa_test_subsampled",
+        "vidore/tatdqa_test",
+    ]
+
+
+def test_hub_ids_load_the_test_split(qa_dir, beir_dir, monkeypatch):
+    """ViDoRe hub ids go through datasets.load_dataset(name[, config], split=...); offline, local stand-ins answer."""
+    import datasets
+
+    from colqwen3_lib.data import load_split
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        if name == "vidore/docvqa_test_subsampled":
+            return load_split(qa_dir, split)
+        if name == "vidore/esg_reports_v2":
+            return load_split(beir_dir / config, split)
+        raise ConnectionError(f"no network for {name}")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(
+        datasets,
+        "get_dataset_config_names",
+        lambda name: ["corpus", "queries", "qrels"] if name == "vidore/esg_reports_v2" else ["default"],
+    )
+    qa = load_task("vidore/docvqa_test_subsampled")
+    assert (qa.name, qa.format, qa.queries) == ("vidore/docvqa_test_subsampled", QA, ["A", "B", "C"])
+    assert calls == [("vidore/docvqa_test_subsampled", None, "test")]
+    beir = load_task("vidore/esg_reports_v2")
+    assert beir.format == BEIR and set(calls[1:]) == {
+        ("vidore/esg_reports_v2", p, "test") for p in BEIR_COLUMNS
+    }
+    with pytest.raises(ValueError, match="could not load 'owner/offline'.*local copy"):
+        load_task("owner/offline")
