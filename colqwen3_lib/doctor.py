@@ -105,15 +105,19 @@ class DoctorReport:
 def verdicts_table(verdicts: list[dict], where: str, attention: str = "flash_attention_2") -> str:
     """`oom.recommended_verdicts` rows as a table: does each of the reference's recommended settings fit `where`?"""
     lines = [
-        f"Recommended settings on {where} (bf16, LoRA r={LORA_RANK}, {MAX_VISUAL_TOKENS} visual tokens, "
-        f"{attention}, gradient checkpointing):"
+        f"Recommended settings on {where}: bf16, LoRA r={LORA_RANK}, {MAX_VISUAL_TOKENS} visual tokens, "
+        f"{attention}, gradient checkpointing"
     ]
     header = f"{'model':<6} {'batch':>5} {'needs':>9}  verdict"
     lines += [header, "-" * len(header)]
     for v in verdicts:
-        lines.append(
-            f"{v['model']:<6} {v['batch']:>5} {v['needs_gib']:>5.1f} GiB  {v['verdict']}: {v['detail']}"
+        # The detail repeats the verdict's first word when it only spells it out ("fits", "needs ...").
+        said = (
+            v["detail"]
+            if v["detail"].startswith(v["verdict"].split()[0])
+            else f"{v['verdict']}: {v['detail']}"
         )
+        lines.append(f"{v['model']:<6} {v['batch']:>5} {v['needs_gib']:>5.1f} GiB  {said}")
     return "\n".join(lines)
 
 

@@ -3,8 +3,8 @@
 `measure_training_step` builds a model with random weights through `lora.prepare_for_training` (the
 very preparation training uses), feeds it batches shaped exactly like the processor's output
 (`synthetic_batch`) and measures the peak: CUDA's allocator statistics, or on the CPU the profiler's
-allocation events. `measure_against_estimate` puts the estimate beside each measurement (notebook 05
-and `benchmarks/bench_memory.py`).
+allocation events. `measure_against_estimate` puts the estimate beside each measurement (notebook 05;
+`benchmarks/bench_memory.py` does the same with more columns).
 """
 
 from __future__ import annotations

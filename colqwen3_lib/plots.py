@@ -151,8 +151,8 @@ def plot_history(metrics: dict, ax=None):
 class LiveLossCurve:
     """A loss curve redrawn in place while training runs: pass the instance as `train(..., on_log=curve)`.
 
-    Args:
-        every: Redraw after every `every` logged training steps (drawing costs time on a CPU).
+    It redraws every `every` logged steps and at each evaluation (there is one at the end of a run), so
+    the last figure shows the whole run.
     """
 
     def __init__(self, every: int = 25):
@@ -165,9 +165,10 @@ class LiveLossCurve:
 
     def __call__(self, entry: dict) -> None:
         self.log.append(entry)
-        if "loss" in entry and entry["step"] % self.every == 0:
+        if "eval_loss" in entry or entry["step"] % self.every == 0:
             self.ax.clear()
-            plot_history({"train": [e for e in self.log if "loss" in e], "eval": []}, ax=self.ax)
+            train = [e for e in self.log if "loss" in e]
+            plot_history({"train": train, "eval": [e for e in self.log if "eval_loss" in e]}, ax=self.ax)
             self.handle.update(self.fig)
 
 
