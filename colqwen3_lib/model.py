@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.models.qwen3_vl import Qwen3VLConfig, Qwen3VLModel
 
+from . import formats
 from .architectures import real_config
 from .fingerprint import check_fingerprint
 from .processor import ColQwen3Processor
@@ -27,10 +28,9 @@ from .tiny import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-HEAD = "custom_text_proj"
+HEAD = formats.HEAD
 ATTENTION_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
-# A Qwen3-VL-Instruct checkpoint stores the backbone under `model.`; ColQwen3 holds it at the top level.
-INSTRUCT_KEY_MAPPING = {r"^model\.visual": "visual", r"^model\.language_model": "language_model"}
+INSTRUCT_KEY_MAPPING = formats.INSTRUCT_KEY_MAPPING
 FLASH_ATTN_HINT = (
     'install it with `pip install flash-attn --no-build-isolation`, or pass attn_implementation="sdpa" '
     '(or "eager") to silence this'
@@ -104,25 +104,6 @@ def resolve_attn_implementation(requested: str | None, device: str | torch.devic
     return requested
 
 
-def _dim_in_checkpoint(path: str) -> int | None:
-    """The output dim of a saved `custom_text_proj`, read from a local safetensors header (or None)."""
-    from safetensors import safe_open
-
-    folder = Path(path)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        shard = json.loads(index.read_text())["weight_map"].get(f"{HEAD}.weight")
-        files = [folder / shard] if shard else []
-    else:
-        files = [folder / "model.safetensors"]
-    for file in files:
-        if file.exists():
-            with safe_open(str(file), "pt") as f:
-                if f"{HEAD}.weight" in f.keys():
-                    return f.get_slice(f"{HEAD}.weight").get_shape()[0]
-    return None
-
-
 class ColQwen3(Qwen3VLModel):
     """Qwen3-VL backbone + a linear head to `dim`-dimensional, L2-normalised token embeddings.
 
@@ -152,16 +133,19 @@ class ColQwen3(Qwen3VLModel):
         attn_implementation: str | None = None,
         **kwargs,
     ) -> ColQwen3:
-        """Load a ColQwen3, or a Qwen3-VL(-Instruct) checkpoint with a fresh projection head.
+        """Load a ColQwen3 in any known format (`formats.FORMATS`), or a Qwen3-VL(-Instruct) checkpoint with a fresh head.
 
-        Every backbone weight must come from the checkpoint: a missing one raises instead of
-        leaving a silently random backbone. `custom_text_proj` is the only tensor that may be
-        newly initialised, and a warning says so.
+        Every tensor is accounted for: a missing backbone weight raises instead of leaving a silently
+        random backbone, and so does a tensor the format does not explain. `custom_text_proj` may be
+        newly initialised only for a checkpoint that has no head (Instruct), and a warning says so.
+        No remote code runs: other layouts (TomoroAI, OpenSearch-AI, colpali-engine, SauerkrautLM)
+        are renamed onto ColQwen3's weights by their format's key mapping.
 
         Args:
             pretrained_model_name_or_path: Hub id, local directory, or `tiny` for the offline checkpoint.
-            dim: Embedding size. Default: the checkpoint's (`embedding_dim` in its config, or the
-                shape of its saved head), else 128.
+            dim: Embedding size. Default: the checkpoint's (its config's head-size field, or the
+                shape of its saved head), else 128. For a Matryoshka head (Ops-Colqwen3), the number
+                of outputs to keep (default: the config's `dims`).
             mask_non_image_embeddings: See the class docstring.
             attn_implementation: `flash_attention_2`, `sdpa` or `eager`; flash-attn falls back to
                 sdpa with one warning when it cannot run where the model goes (`device_map`; the CPU
@@ -170,21 +154,38 @@ class ColQwen3(Qwen3VLModel):
                 `device_map`, `revision`, ...).
 
         Raises:
-            RuntimeError: The checkpoint lacks backbone weights, or its head has another shape.
+            RuntimeError: The checkpoint lacks backbone weights or its head, has tensors its format does
+                not explain, or its head has another shape.
+            ValueError: The checkpoint is in no known format (or one the kit refuses).
         """
         path = resolve_model_path(pretrained_model_name_or_path)
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
+        config_kwargs = {
+            k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs
+        }
+        checkpoint = formats.read_checkpoint(path, **config_kwargs)
+        fmt = formats.detect(checkpoint)
+        if fmt.adapter:
+            raise ValueError(
+                f"{path} is a PEFT adapter; load its base model and pass the adapter to load_model"
+            )
+        logger.info(f"{path}: {fmt.title}")
         config = kwargs.pop("config", None)
         if config is None:
-            config_kwargs = {
-                k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs
-            }
-            config = AutoConfig.from_pretrained(path, **config_kwargs)
+            qwen3_vl = checkpoint.model_type == formats.QWEN3_VL
+            config = (
+                AutoConfig.from_pretrained(path, **config_kwargs)
+                if qwen3_vl
+                else formats.backbone_config(checkpoint)
+            )
+        keep = None
+        if fmt.matryoshka_field:  # load the whole head, then keep its first `dim` (or config) outputs
+            keep, dim = dim or checkpoint.config.get(fmt.matryoshka_field), None
         if dim is None:
-            dim = getattr(config, "embedding_dim", None) or (os.path.isdir(path) and _dim_in_checkpoint(path))
+            dim = getattr(config, "embedding_dim", None) or fmt.checkpoint_dim(checkpoint)
         config.embedding_dim = int(dim or EMBEDDING_DIM)
-        kwargs.setdefault("key_mapping", INSTRUCT_KEY_MAPPING)
+        kwargs.setdefault("key_mapping", fmt.key_mapping)
         model, info = super().from_pretrained(
             path,
             *model_args,
@@ -201,6 +202,17 @@ class ColQwen3(Qwen3VLModel):
                 f"{path} is missing {len(missing)} backbone weights (e.g. {missing[:3]}); loading it would give a "
                 "randomly initialised backbone. Point to a Qwen3-VL(-Instruct) or ColQwen3 checkpoint."
             )
+        if fmt.heads and any(k.startswith(HEAD) for k in info["missing_keys"]):
+            raise RuntimeError(
+                f"{path} ({fmt.name} format) lacks its projection head ({' or '.join(fmt.heads)}); "
+                "loading it would give a randomly initialised head"
+            )
+        unexplained = sorted(k for k in info["unexpected_keys"] if not fmt.is_extra(k))
+        if unexplained:
+            raise RuntimeError(
+                f"{path} ({fmt.name} format) has {len(unexplained)} weights ColQwen3 has no place for "
+                f"(e.g. {unexplained[:3]}); loading it would silently drop them."
+            )
         if info.get("mismatched_keys"):
             raise RuntimeError(
                 f"{path} has weights of another shape: {info['mismatched_keys'][:3]}. If the saved head has "
@@ -211,7 +223,10 @@ class ColQwen3(Qwen3VLModel):
                 f"Loaded the Qwen3-VL backbone from {path}; {HEAD} (hidden {config.text_config.hidden_size} -> "
                 f"{model.dim}) is newly initialised: train it (e.g. with LoRA) before using the embeddings."
             )
+        if keep:
+            formats.keep_first_outputs(model, int(keep))
         model.loading_info = info
+        model.checkpoint_format = fmt
         model.mask_non_image_embeddings = mask_non_image_embeddings
         return model
 
@@ -410,7 +425,8 @@ def load_model(
         seed: Seeds a head that the checkpoint lacks, so that an untrained model evaluates reproducibly.
 
     Returns:
-        (model in eval mode, processor).
+        (model in eval mode, processor with the query/page prompts of the checkpoint's format, or of
+        the adapter's: colpali-engine adapters get colpali-engine's, the kit's the kit's).
 
     Raises:
         ValueError: the adapter does not fit the base model, or was trained on other base weights
@@ -452,6 +468,10 @@ def load_model(
         if any((Path(adapter) / f).exists() for f in ("processor_config.json", "preprocessor_config.json")):
             processor_dir, trained = str(adapter), True
     processor = ColQwen3Processor.from_pretrained(processor_dir)
+    # The prompts the weights were trained with: the checkpoint format's, or the adapter's recipe's.
+    formats.apply_prompts(
+        processor, (formats.prompts_for(adapter) if adapter else model.checkpoint_format.prompts)
+    )
     if max_visual_tokens is not None or not trained:
         processor.set_max_num_visual_tokens(max_visual_tokens or MAX_VISUAL_TOKENS)
     return model.to(device).eval(), processor
