@@ -15,7 +15,7 @@ import torch
 from .architectures import TINY
 from .losses import LOSSES, ColbertContrastiveLoss
 from .memory import TrainingSetup
-from .model import ATTENTION_IMPLEMENTATIONS, use_bf16
+from .model import ATTENTION_IMPLEMENTATIONS, resolve_attn_implementation, use_bf16
 from .reference import (
     BASE_MODEL,
     BATCH_SIZE,
@@ -193,6 +193,7 @@ class TrainConfig:
     def memory_setup(self) -> TrainingSetup:
         """This run as a `memory.TrainingSetup` (its model size is None when the base model is not a published one)."""
         sizes = {TINY: TINY, **{model_id: size for size, model_id in MODEL_IDS.items()}}
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # where training runs
         return TrainingSetup(
             model_size=sizes.get(self.base_model_path),
             dtype="bfloat16" if self.bf16_enabled else "float32",
@@ -201,8 +202,8 @@ class TrainConfig:
             batch_size=self.per_device_train_batch_size,
             max_visual_tokens=self.max_visual_tokens,
             gradient_checkpointing=self.gradient_checkpointing,
-            attn_implementation=self.attn_implementation or "flash_attention_2",
-            device="cuda" if torch.cuda.is_available() else "cpu",
+            attn_implementation=resolve_attn_implementation(self.attn_implementation, device),
+            device=device,
         )
 
 

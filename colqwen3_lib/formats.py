@@ -284,7 +284,8 @@ def read_checkpoint(path: str | os.PathLike, **hub_kwargs) -> Checkpoint:
         **hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only` for a hub id's `config.json`.
 
     Raises:
-        ValueError: a local folder with neither `config.json` nor `adapter_config.json`.
+        ValueError: a local folder with neither `config.json` nor `adapter_config.json`, a path that does
+            not exist, or a hub id that cannot be read.
     """
     path = resolve_model_path(path)
     folder = Path(path)
@@ -303,7 +304,17 @@ def read_checkpoint(path: str | os.PathLike, **hub_kwargs) -> Checkpoint:
         )
     from transformers import PretrainedConfig
 
-    config, _ = PretrainedConfig.get_config_dict(path, **hub_kwargs)
+    if folder.exists() or path.count("/") != 1 or path.startswith((".", "/", "~")):
+        raise ValueError(
+            f"{path} does not exist: no such checkpoint folder, and it is not a hub id (owner/name)"
+        )
+    try:
+        config, _ = PretrainedConfig.get_config_dict(path, **hub_kwargs)
+    except OSError as err:
+        raise ValueError(
+            f"could not read {path} from the Hugging Face Hub ({err}): it needs network access or a populated HF "
+            "cache; or pass the path of a local copy"
+        ) from err
     return Checkpoint(path, config, None)
 
 

@@ -438,9 +438,8 @@ def load_model(
             f"device {device} was asked for, but no CUDA GPU is visible; pass --device cpu (or none)"
         )
     model_path = str(model_path)
-    resolve_model_path(
-        model_path
-    )  # builds the tiny checkpoint first, so that it draws nothing from the seed below
+    # Build the tiny checkpoint first, so that building it draws nothing from the seed of the new head.
+    resolve_model_path(model_path)
     torch.manual_seed(seed)
     model = ColQwen3.from_pretrained(
         model_path,

@@ -126,3 +126,30 @@ def test_unknown_profile_or_notebook_is_a_clear_error(tmp_path):
 )
 def test_parameter_values_parse_as_python_literals_or_strings(text, value):
     assert _parse_value(text) == value
+
+
+def test_a_rerun_into_the_same_folder_keeps_the_other_notebooks_results(stand_ins, tmp_path):
+    out = tmp_path / "run"
+    run_course(
+        "tiny", out, only=["00_setup_check", "03_lora_training"], notebooks_dir=stand_ins, progress=False
+    )
+    run_course(
+        "tiny", out, {"MAX_STEPS": 9}, only=["00_setup_check"], notebooks_dir=stand_ins, progress=False
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["notebook"] for r in summary] == ["00_setup_check", "03_lora_training"]
+    assert summary[0]["metrics"] == {"max_steps": 9}
+    assert "03_lora_training.html" in (out / "index.html").read_text()
+    rows = run_course("tiny", out, only=["04_vidore_eval"], notebooks_dir=stand_ins, progress=False)
+    assert rows[0]["metrics"]["adapter_seen"] == str(
+        out / "03_lora_training" / "adapter"
+    )  # 03's, from before
+
+
+def test_an_unknown_parameter_is_refused_with_the_known_ones(stand_ins, tmp_path, capsys):
+    with pytest.raises(
+        ValueError, match=r"declares the parameter\(s\) \['MAX_STEP'\]; they declare \['MAX_STEPS'"
+    ):
+        run_course("tiny", tmp_path, {"MAX_STEP": 3}, only=["00_setup_check"], notebooks_dir=stand_ins)
+    code = main(["--output-dir", str(tmp_path), "--notebooks-dir", str(stand_ins), "--only", "07_extra"])
+    assert code == 2 and "unknown notebooks ['07_extra']" in capsys.readouterr().err

@@ -92,3 +92,18 @@ def test_the_epoch_order_depends_only_on_seed_and_epoch():
     assert sorted(order(0, 0)) == list(range(16))
     assert order(0, 3) == order(0, 3)
     assert order(0, 3) != order(0, 4) and order(0, 3) != order(1, 3)
+
+
+def test_an_empty_parquet_file_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    file = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"query": pa.array([], pa.string())}), file)
+    with pytest.raises(ValueError, match=r"dataset '.*pairs\.parquet' holds no data"):
+        load_split(file, "train")
+
+
+def test_a_path_that_does_not_exist_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(ValueError, match="does not exist: no such file or folder, and it is not a hub id"):
+        load_split(tmp_path / "typo", "train")

@@ -190,3 +190,56 @@ def test_processor_saved_with_the_adapter_sets_the_page_size(adapter, tmp_path):
     ]
     assert run_cli(*args) == 0
     assert json.loads((out / RESULTS_FILE).read_text())["metadata"]["max_visual_tokens"] == 16
+
+
+def test_each_task_is_written_as_it_completes_so_a_later_failure_loses_nothing(tmp_path, capsys):
+    from datasets import Image
+
+    from colqwen3_lib.data import load_split
+
+    broken = tmp_path / "broken_images"
+    rows = load_split(CHARTS, "test").cast_column("image", Image(decode=False))
+    rows = rows.map(
+        lambda row, i: {"image": {"bytes": b"not a png", "path": None}} if i == 3 else row, with_indices=True
+    )
+    rows.save_to_disk(str(broken))
+    out = tmp_path / "out"
+    assert run_cli("--model-path", "tiny", "--datasets", CHARTS, broken, "--output-dir", out, *FAST) == 2
+    err = capsys.readouterr().err
+    assert "broken_images row 3: the image could not be decoded" in err
+    assert (
+        json.loads((out / f"{CHARTS}.json").read_text())["metrics"]["ndcg_at_5"] >= 0
+    )  # the first task is kept
+    assert not (out / RESULTS_FILE).exists()
+
+
+def test_a_reused_output_folder_keeps_no_stale_task_files(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_cli("--model-path", "tiny", "--datasets", "synthetic", "--output-dir", out, *FAST) == 0
+    (out / "notes.txt").write_text("mine")
+    assert run_cli("--model-path", "tiny", "--datasets", CHARTS, "--output-dir", out, *FAST) == 0
+    assert "replacing an earlier evaluation" in capsys.readouterr().out
+    task_files = sorted(p.name for p in out.glob("*.json") if p.name != RESULTS_FILE)
+    assert task_files == [f"{CHARTS}.json"]
+    assert list(json.loads((out / RESULTS_FILE).read_text())["results"]) == [CHARTS]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["--batch-size", "-4"], "--batch-size: must be at least 1, got -4"),
+        (["--max-visual-tokens", "0"], "--max-visual-tokens: must be at least 1, got 0"),
+    ],
+)
+def test_sizes_below_one_are_refused(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--model-path", "tiny", "--output-dir", tmp_path / "out", *flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_cuda_device_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_cli("--model-path", "tiny", "--device", "cuda", "--output-dir", tmp_path / "out", *FAST) == 2
+    assert "no CUDA GPU is visible; pass --device cpu" in capsys.readouterr().err

@@ -172,3 +172,53 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [e["step"] for e in metrics["train"]] == [1, 2]
     assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def other_architectures(tmp_path_factory):
+    """A BERT and a GPT-2 checkpoint: what a user may point --base-model-path to by mistake."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("other-architectures")
+    small = dict(vocab_size=100)
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, **small)
+    ).save_pretrained(folder / "bert")
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, **small)).save_pretrained(folder / "gpt2")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "base, message",
+    [
+        ("bert", "is in no known ColQwen3 layout: model_type='bert'"),
+        ("gpt2", "is in no known ColQwen3 layout: model_type='gpt2'"),
+        ("no-such-folder", "does not exist: no such checkpoint folder"),
+    ],
+)
+def test_a_wrong_base_model_is_one_line_and_the_corrected_rerun_works(
+    tmp_path, capsys, other_architectures, base, message
+):
+    out = tmp_path / "run"
+    base_path = str(other_architectures / base)
+    offline = [
+        "--train-dataset",
+        "synthetic",
+        "--eval-dataset",
+        "none",
+    ]  # a non-tiny base gets the reference's
+    assert main(["--output-dir", str(out), *SMALL_RUN, *offline, "--base-model-path", base_path]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert main(["--output-dir", str(out), *SMALL_RUN, "--trainer", "torch"]) == 0  # the same folder, reused
+
+
+def test_an_empty_local_dataset_is_one_line(tmp_path, capsys):
+    from datasets import Dataset
+
+    Dataset.from_dict({"query": [], "image": []}).save_to_disk(str(tmp_path / "empty"))
+    assert (
+        main(["--output-dir", str(tmp_path / "run"), *SMALL_RUN, "--train-dataset", str(tmp_path / "empty")])
+        == 1
+    )
+    assert "holds no data" in capsys.readouterr().err
