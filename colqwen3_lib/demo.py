@@ -21,9 +21,9 @@ from .processor import ColQwen3Processor
 
 def run(model_path: str, dataset: str, n_queries: int, max_visual_tokens: int, batch_size: int) -> list[dict]:
     """Retrieve the top-5 pages of `dataset`'s test split for its first `n_queries` queries."""
+    rows = load_split(dataset, "test")  # first: a missing dataset fails before the model loads
     processor = ColQwen3Processor.from_pretrained(model_path, max_num_visual_tokens=max_visual_tokens)
     model = ColQwen3.from_pretrained(model_path, torch_dtype=torch.float32).eval()
-    rows = load_split(dataset, "test")
     pages = rows.select_columns(["image", "image_filename"])
     queries = [(q, f) for q, f in zip(rows["query"], rows["image_filename"]) if q is not None][:n_queries]
 
