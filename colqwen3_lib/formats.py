@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .processor import ColQwen3Processor
+from .processor import QUERY_PREFIX, ColQwen3Processor
 from .tiny import resolve_model_path
 
 HEAD = "custom_text_proj"
@@ -61,13 +61,14 @@ class Prompts:
     visual_prompt_prefix: str
 
 
+# colpali-engine: BaseVisualRetrieverProcessor's query prefix is empty and its ColQwen3Processor keeps it;
+# the kit follows it (a processor the kit saved carries its own prefix, see `processor.saved_by_kit`).
 KIT_PROMPTS = Prompts(
-    ColQwen3Processor.query_prefix,  # "Query: "
+    QUERY_PREFIX,  # ""
     ColQwen3Processor.query_augmentation_token,  # "<|endoftext|>"
     ColQwen3Processor.visual_prompt_prefix,
 )
-# colpali-engine: BaseVisualRetrieverProcessor's query prefix is empty and its ColQwen3Processor keeps it.
-COLPALI_PROMPTS = Prompts("", KIT_PROMPTS.query_augmentation_token, KIT_PROMPTS.visual_prompt_prefix)
+COLPALI_PROMPTS = KIT_PROMPTS
 # Tomoro: no prefix; the augmentation token is the tokenizer's pad token (`<|endoftext|>` for Qwen3-VL);
 # its page prompt (prefix + suffix) is the same string as the kit's.
 TOMORO_PROMPTS = COLPALI_PROMPTS
@@ -77,7 +78,9 @@ OPS_PROMPTS = Prompts(
     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|>\n"
     "<|im_start|>assistant\n<|endoftext|>",
 )
-SAUERKRAUT_PROMPTS = KIT_PROMPTS  # its processor base class prefixes `Query: `, like the kit
+SAUERKRAUT_PROMPTS = Prompts(
+    "Query: ", KIT_PROMPTS.query_augmentation_token, KIT_PROMPTS.visual_prompt_prefix
+)
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class TrainingSetup:
         optimizer: `adamw` (two states per trainable parameter), `sgd_momentum` (one) or `sgd` (none).
         batch_size: Per-device batch: this many queries and this many pages per step.
         max_visual_tokens: Visual tokens per page (pages are assumed to reach the cap).
-        query_len: Query tokens before the 10 augmentation tokens (`Query: ` prefix included).
+        query_len: Query tokens before the 10 augmentation tokens (any `query_prefix` included).
         gradient_checkpointing: Recompute each layer in backward instead of storing its activations.
         attn_implementation: `flash_attention_2`, `sdpa` or `eager`.
         device: `cuda` or `cpu` (dropout masks are bytes on CUDA, floats on CPU; AdamW's foreach

@@ -22,7 +22,7 @@ from transformers.models.qwen3_vl import Qwen3VLConfig, Qwen3VLModel
 from . import formats
 from .architectures import real_config
 from .fingerprint import check_fingerprint
-from .processor import ColQwen3Processor
+from .processor import ColQwen3Processor, saved_by_kit
 from .reference import EMBEDDING_DIM, MAX_VISUAL_TOKENS
 from .tiny import resolve_model_path
 
@@ -467,10 +467,12 @@ def load_model(
         if any((Path(adapter) / f).exists() for f in ("processor_config.json", "preprocessor_config.json")):
             processor_dir, trained = str(adapter), True
     processor = ColQwen3Processor.from_pretrained(processor_dir)
-    # The prompts the weights were trained with: the checkpoint format's, or the adapter's recipe's.
-    formats.apply_prompts(
-        processor, (formats.prompts_for(adapter) if adapter else model.checkpoint_format.prompts)
-    )
+    # The prompts the weights were trained with: those saved with the kit's processor, else the
+    # checkpoint format's, or the adapter's recipe's.
+    if not saved_by_kit(processor_dir):
+        formats.apply_prompts(
+            processor, (formats.prompts_for(adapter) if adapter else model.checkpoint_format.prompts)
+        )
     if max_visual_tokens is not None or not trained:
         processor.set_max_num_visual_tokens(max_visual_tokens or MAX_VISUAL_TOKENS)
     return model.to(device).eval(), processor

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -16,6 +19,10 @@ from transformers.models.qwen3_vl import Qwen3VLProcessor
 from .scoring import score_multi_vector
 from .tiny import resolve_model_path
 
+logger = logging.getLogger(__name__)
+
+QUERY_PREFIX = ""  # the reference's: colpali-engine's ColQwen3Processor leaves its prefix empty
+LEGACY_QUERY_PREFIX = "Query: "  # what the kit's processors used before the prefix was saved with them
 MIN_PAGE_SIDE = 32  # px: one merged 2x2 block of 16-px patches
 MAX_ASPECT_RATIO = 200  # Qwen's resize refuses anything more elongated
 N_QUERY_AUGMENTATION_TOKENS = 10
@@ -58,6 +65,25 @@ def _load_page(item: ImageLike, index: int) -> Image.Image:
     return item.convert("RGB")
 
 
+def saved_by_kit(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a processor the kit saved (its prompts are data there, not the format's)."""
+    config = Path(path) / "processor_config.json"
+    if not config.exists():
+        return False
+    return "query_prefix" in json.loads(config.read_text()) or is_legacy_kit_processor(path)
+
+
+def is_legacy_kit_processor(path: str | os.PathLike) -> bool:
+    """A processor saved by the kit before `query_prefix` was saved: a training run's folder without the field."""
+    folder = Path(path)
+    config = folder / "processor_config.json"
+    return (
+        config.exists()
+        and (folder / "training_config.json").exists()
+        and "query_prefix" not in json.loads(config.read_text())
+    )
+
+
 class ColQwen3Processor(Qwen3VLProcessor):
     """Turns document pages and queries into ColQwen3 inputs.
 
@@ -68,16 +94,23 @@ class ColQwen3Processor(Qwen3VLProcessor):
     visual_prompt_prefix: ClassVar[str] = (
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|><|endoftext|>"
     )
-    query_prefix: ClassVar[str] = "Query: "
     query_augmentation_token: ClassVar[str] = "<|endoftext|>"
     image_token: ClassVar[str] = "<|image_pad|>"
 
     def __init__(
-        self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kwargs
+        self,
+        image_processor=None,
+        tokenizer=None,
+        video_processor=None,
+        chat_template=None,
+        query_prefix: str = QUERY_PREFIX,
+        **kwargs,
     ):
-        # Explicit sub-processor arguments: transformers reads them from this signature.
+        # Explicit sub-processor arguments: transformers reads them from this signature (and saves
+        # `query_prefix` in processor_config.json, so that a processor keeps the prompt it was trained with).
         super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
         self.tokenizer.padding_side = "left"
+        self.query_prefix = query_prefix
 
     @classmethod
     def from_pretrained(
@@ -90,9 +123,16 @@ class ColQwen3Processor(Qwen3VLProcessor):
             max_num_visual_tokens: Cap on visual tokens per page (e.g. 768); None keeps the checkpoint's.
             **kwargs: Passed to `Qwen3VLProcessor.from_pretrained`.
         """
-        processor = super().from_pretrained(
-            resolve_model_path(pretrained_model_name_or_path), *args, **kwargs
-        )
+        path = resolve_model_path(pretrained_model_name_or_path)
+        processor = super().from_pretrained(path, *args, **kwargs)
+        if is_legacy_kit_processor(path):
+            processor.query_prefix = LEGACY_QUERY_PREFIX
+            logger.warning(
+                f"{path} was saved by an earlier version of the kit, whose queries start with "
+                f"{LEGACY_QUERY_PREFIX!r}: keeping that prefix (new runs use the reference's, {QUERY_PREFIX!r})"
+            )
+        elif processor.query_prefix != QUERY_PREFIX:
+            logger.info(f"{path}: queries start with {processor.query_prefix!r} (saved with the processor)")
         if max_num_visual_tokens is not None:
             processor.set_max_num_visual_tokens(max_num_visual_tokens)
         return processor
@@ -149,7 +189,10 @@ class ColQwen3Processor(Qwen3VLProcessor):
         return self(text=list(texts), padding="longest", return_tensors="pt")
 
     def process_queries(self, queries: Sequence[str]) -> BatchFeature:
-        """Queries -> model inputs: `Query: ` + text + 10 `<|endoftext|>` augmentation tokens.
+        """Queries -> model inputs: `query_prefix` + text + 10 `<|endoftext|>` augmentation tokens.
+
+        `query_prefix` is empty by default, as in colpali-engine's ColQwen3 (the reference recipe); a
+        processor saved with another prefix keeps it.
 
         Raises:
             ValueError: empty list, or an item that is not a non-empty string.

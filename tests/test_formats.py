@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from colqwen3_lib import ColQwen3, formats, load_model
 from colqwen3_lib.formats import FORMATS, Checkpoint, detect, detect_format, prompts_for
-from colqwen3_lib.processor import ColQwen3Processor
 
 ATOL = 1e-6
 QUERIES = ["red pie chart", "Which page shows a blue table in landscape layout?"]
@@ -349,7 +348,6 @@ def test_load_model_gives_the_processor_its_format_prompts(native, tmp_path):
     ids = processor.process_queries(["red chart"])["input_ids"][0].tolist()
     plain = processor.tokenizer("red chart")["input_ids"]
     assert ids[: len(plain)] == plain  # no `Query: ` in front
-    assert ColQwen3Processor.query_prefix == "Query: "  # the class keeps the kit's default
 
     _, ops = ops_checkpoint(native, tmp_path, dims=64)
     _, processor = load_model(str(ops), device="cpu", dtype=torch.float32)
@@ -357,7 +355,16 @@ def test_load_model_gives_the_processor_its_format_prompts(native, tmp_path):
     assert processor.visual_prompt_prefix.endswith("<|im_end|>\n<|im_start|>assistant\n<|endoftext|>")
 
     _, processor = load_model("tiny", device="cpu", dtype=torch.float32)
-    assert processor.query_prefix == "Query: " and prompts_for("tiny") == formats.KIT_PROMPTS
+    assert processor.query_prefix == "" and prompts_for("tiny") == formats.KIT_PROMPTS  # the reference's
+
+
+def test_a_processor_saved_by_the_kit_keeps_its_own_prompts_over_the_formats(native, tmp_path):
+    model, processor = load_model("tiny", device="cpu", dtype=torch.float32)
+    processor.query_prefix = "Ask: "
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    _, reloaded = load_model(str(tmp_path), device="cpu", dtype=torch.float32)
+    assert reloaded.query_prefix == "Ask: "
 
 
 # -------------------------------------------------------------------------------------- adapters

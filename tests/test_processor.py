@@ -68,13 +68,43 @@ def test_pages_can_be_paths(processor, tmp_path):
     assert batch["input_ids"].shape[0] == 2
 
 
-def test_queries_get_the_prefix_and_ten_augmentation_tokens(processor):
+def test_queries_are_text_and_ten_augmentation_tokens_as_in_the_reference(processor):
+    """colpali-engine's ColQwen3Processor: query_prefix "" + query + 10 x <|endoftext|>, left-padded."""
     batch = processor.process_queries(["red pie chart", "a much longer query about a blue table"])
     eot = processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     for ids in batch["input_ids"]:
         assert ids[-10:].tolist() == [eot] * 10
-    text = processor.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=False)
-    assert text.endswith("Query: red pie chart" + "<|endoftext|>" * 10)
+    first = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    assert (
+        processor.tokenizer.decode(first, skip_special_tokens=False) == "red pie chart" + "<|endoftext|>" * 10
+    )
+
+
+def test_a_saved_query_prefix_is_kept(processor, tmp_path):
+    import copy
+
+    asking = copy.deepcopy(processor)
+    asking.query_prefix = "Query: "
+    asking.save_pretrained(tmp_path)
+    reloaded = type(processor).from_pretrained(tmp_path)
+    assert reloaded.query_prefix == "Query: "
+    text = reloaded.tokenizer.decode(reloaded.process_queries(["red pie chart"])["input_ids"][0])
+    assert text.startswith("Query: red pie chart")
+
+
+def test_a_processor_saved_by_the_earlier_kit_keeps_its_query_prefix(processor, tmp_path, caplog):
+    """Runs saved before the prefix was data: a training folder whose processor config has no query_prefix."""
+    import json
+    import logging
+
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "processor_config.json").read_text())
+    del config["query_prefix"]
+    (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    (tmp_path / "training_config.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="colqwen3_lib.processor"):
+        assert type(processor).from_pretrained(tmp_path).query_prefix == "Query: "
+    assert "earlier version of the kit" in caplog.text
 
 
 def test_score_returns_one_row_per_query(processor):
