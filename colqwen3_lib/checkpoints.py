@@ -19,7 +19,7 @@ import torch
 
 from .config import LATEST, TrainConfig
 from .files import safetensors_problem
-from .fingerprint import write_fingerprint
+from .fingerprint import write_adapter_files
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,7 @@ def save_torch_checkpoint(config, accelerator, model, optimizer, scheduler, step
         tmp.mkdir(parents=True)
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(tmp)  # the adapter, or the full model
-        if getattr(unwrapped, "base_fingerprint", None):
-            write_fingerprint(tmp, unwrapped.base_fingerprint)
+        write_adapter_files(tmp, getattr(unwrapped, "adapter_files", None))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()

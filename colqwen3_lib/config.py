@@ -19,14 +19,19 @@ from .model import ATTENTION_IMPLEMENTATIONS, resolve_attn_implementation, use_b
 from .reference import (
     BASE_MODEL,
     BATCH_SIZE,
+    EMBEDDING_DIM,
+    EVAL_BATCH_SIZE,
     EVAL_STEPS,
+    LOGGING_STEPS,
     LORA_DROPOUT,
     LORA_RANK,
     LR,
     MAX_VISUAL_TOKENS,
     MODEL_IDS,
     NUM_TRAIN_EPOCHS,
+    PAIRWISE_TEMPERATURE,
     SAVE_STEPS,
+    SAVE_TOTAL_LIMIT,
     TAU,
     TRAIN_DATASET,
     WARMUP_STEPS,
@@ -46,6 +51,7 @@ _AT_LEAST = {
     "max_visual_tokens": 1,
     "lora_rank": 1,
     "lora_alpha": 1,
+    "dim": 1,
     "warmup_steps": 0,
     "logging_steps": 1,
     "eval_steps": 1,
@@ -103,6 +109,9 @@ TINY_DEFAULTS = dict(
 # in-batch negatives the noise is smaller, and a head that learns 10x faster than the LoRA layers finds
 # the real signal (colour, kind) before the backbone collapses. More, smaller steps: the same time as ce.
 TINY_PAIRWISE_DEFAULTS = dict(
+    tau=0.02,  # normalised scores at tau 0.02: the settings measured to learn here (README, training)
+    normalize_scores=True,
+    head_in_full=True,  # a LoRA-adapted random head collapses here (loss log 2 from step ~300); a full one learns
     per_device_train_batch_size=8,
     lr=7e-4,
     head_lr=7e-3,
@@ -121,15 +130,20 @@ class TrainConfig:
     max_visual_tokens: int = MAX_VISUAL_TOKENS
     lr: float = LR
     head_lr: float | None = None  # learning rate of custom_text_proj; None: lr
-    tau: float = TAU
+    tau: float | None = None  # None: 0.02 for ce; 1.0 for pairwise (the reference's)
+    normalize_scores: bool | None = None  # None: True for ce; False for pairwise (the reference's)
     trainer: str = "hf"
     loss: str = "ce"
     peft: bool = False
     lora_rank: int = LORA_RANK
     lora_alpha: int | None = None  # None: equal to lora_rank
     lora_dropout: float = LORA_DROPOUT
+    head_in_full: bool = False  # the kit's opt-in: train custom_text_proj in full, not as a LoRA target
+    dim: int = (
+        EMBEDDING_DIM  # the head's output size when the base checkpoint has no head (320: colpali-engine's)
+    )
     per_device_train_batch_size: int = BATCH_SIZE
-    per_device_eval_batch_size: int | None = None  # None: the training batch size
+    per_device_eval_batch_size: int | None = EVAL_BATCH_SIZE  # None: the training batch size
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = NUM_TRAIN_EPOCHS
     max_steps: int = -1  # > 0 overrides num_train_epochs
@@ -144,10 +158,10 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     cache_pages: bool = False  # keep processed pages in memory across epochs (small datasets only)
     num_threads: int | None = None  # CPU threads for torch; None: torch's default
-    logging_steps: int = 1
+    logging_steps: int = LOGGING_STEPS
     eval_steps: int = EVAL_STEPS
     save_steps: int = SAVE_STEPS
-    save_total_limit: int = 2
+    save_total_limit: int = SAVE_TOTAL_LIMIT
     seed: int = 0
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
     auto_batch_size: bool = False
@@ -158,6 +172,12 @@ class TrainConfig:
             raise ValueError(f"trainer={self.trainer!r} is not one of {TRAINERS}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not one of {LOSSES}")
+        # The reference script: ColbertLoss(temperature=tau, normalize_scores=True) for ce,
+        # ColbertPairwiseCELoss(normalize_scores=False) at its default temperature for pairwise.
+        if self.tau is None:
+            self.tau = TAU if self.loss == "ce" else PAIRWISE_TEMPERATURE
+        if self.normalize_scores is None:
+            self.normalize_scores = self.loss == "ce"
         if self.attn_implementation is not None and self.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(
                 f"attn_implementation={self.attn_implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}"
@@ -184,7 +204,12 @@ class TrainConfig:
         return use_bf16() if self.bf16 is None else self.bf16
 
     def loss_function(self) -> ColbertContrastiveLoss:
-        return ColbertContrastiveLoss(self.loss, tau=self.tau, hard_negative_weight=self.hard_negative_weight)
+        return ColbertContrastiveLoss(
+            self.loss,
+            tau=self.tau,
+            normalize_scores=self.normalize_scores,
+            hard_negative_weight=self.hard_negative_weight,
+        )
 
     @property
     def effective_batch_size(self) -> int:
@@ -199,6 +224,8 @@ class TrainConfig:
             dtype="bfloat16" if self.bf16_enabled else "float32",
             lora=self.peft,
             lora_rank=self.lora_rank,
+            head_in_full=self.head_in_full,
+            embedding_dim=self.dim or EMBEDDING_DIM,
             batch_size=self.per_device_train_batch_size,
             max_visual_tokens=self.max_visual_tokens,
             gradient_checkpointing=self.gradient_checkpointing,

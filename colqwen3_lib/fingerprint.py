@@ -1,9 +1,12 @@
-"""Which base weights an adapter was trained on: a fingerprint written with every adapter the kit saves.
+"""What an adapter needs to be reloaded exactly, written beside every adapter and checkpoint the kit saves.
 
-A LoRA adapter only makes sense on the exact base weights it was trained on; two checkpoints with the
-same `config.json` (the tiny checkpoint built with two seeds, say) are not interchangeable. The
-fingerprint is a SHA-256 of evenly spaced samples of a few named base tensors, rounded to bf16 so
-that the same checkpoint loaded in float32 or bf16 gives the same value.
+- Which base weights it was trained on: a LoRA adapter only makes sense on those exact weights, and two
+  checkpoints with the same `config.json` (the tiny checkpoint built with two seeds, say) are not
+  interchangeable. The fingerprint is a SHA-256 of evenly spaced samples of a few named base tensors,
+  rounded to bf16 so that the same checkpoint loaded in float32 or bf16 gives the same value.
+- The base's `custom_text_proj` when the base checkpoint had none and LoRA adapts it (the reference
+  recipe): that head was randomly initialised at the start of training, and the adapter only holds
+  its low-rank update, so the kit saves the initial head and restores it before applying the adapter.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "base_fingerprint.json"
+BASE_HEAD_FILE = "base_head.safetensors"
 SAMPLES = 4096  # values taken from each tensor
 # Tensors every ColQwen3 / Qwen3-VL backbone has: the token embeddings, the first decoder layer, the vision stem.
 TENSORS = (
@@ -40,8 +44,38 @@ def base_fingerprint(model: torch.nn.Module) -> dict:
     return {"sha256": digest.hexdigest(), "tensors": list(TENSORS), "samples_per_tensor": SAMPLES}
 
 
-def write_fingerprint(folder: str | Path, fingerprint: dict) -> None:
-    (Path(folder) / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n")
+def adapter_files(base: torch.nn.Module, head_is_new: bool, head_in_lora: bool) -> dict:
+    """What to write beside the adapters of a base model about to be wrapped with LoRA (see the module docstring)."""
+    files = {"fingerprint": base_fingerprint(base)}
+    if head_is_new and head_in_lora:
+        files["base_head"] = {
+            k: v.detach().clone().contiguous() for k, v in base.custom_text_proj.state_dict().items()
+        }
+    return files
+
+
+def write_adapter_files(folder: str | Path, files: dict | None) -> None:
+    """Write `adapter_files(...)` into an adapter or checkpoint folder (nothing for full fine-tuning)."""
+    if not files:
+        return
+    (Path(folder) / FINGERPRINT_FILE).write_text(json.dumps(files["fingerprint"], indent=2) + "\n")
+    if "base_head" in files:
+        from safetensors.torch import save_file
+
+        save_file(files["base_head"], str(Path(folder) / BASE_HEAD_FILE))
+
+
+def restore_base_head(adapter_dir: str | Path, model: torch.nn.Module) -> bool:
+    """Load the initial head saved with an adapter into `model` (before the adapter is applied); True if there was one."""
+    file = Path(adapter_dir) / BASE_HEAD_FILE
+    if not file.exists():
+        return False
+    from safetensors.torch import load_file
+
+    head = model.custom_text_proj
+    state = load_file(str(file), device=str(head.weight.device))
+    head.load_state_dict({k: v.to(head.weight.dtype) for k, v in state.items()})
+    return True
 
 
 def check_fingerprint(adapter_dir: str | Path, model: torch.nn.Module, model_path: str) -> None:

@@ -14,7 +14,7 @@ import torch
 from .checkpoints import CHECKPOINT_PREFIX, checkpoint_step
 from .config import LogHook, StepHook, TrainConfig, eval_batch_size, run_metrics
 from .data import ContrastiveCollator, PairDataset
-from .fingerprint import write_fingerprint
+from .fingerprint import write_adapter_files
 from .lora import optimizer_groups
 from .losses import ColbertContrastiveLoss, NonFiniteLossError, contrastive_loss
 from .processor import ColQwen3Processor
@@ -68,8 +68,8 @@ def _hf_hook_callback(hook: StepHook | None, on_log: LogHook | None):
 
         def on_save(self, args, state, control, model=None, **kwargs):
             checkpoint = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
-            if getattr(model, "base_fingerprint", None) and checkpoint.is_dir():
-                write_fingerprint(checkpoint, model.base_fingerprint)
+            if checkpoint.is_dir():
+                write_adapter_files(checkpoint, getattr(model, "adapter_files", None))
             if hook:
                 hook(state.global_step, checkpoint)
 

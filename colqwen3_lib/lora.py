@@ -3,10 +3,12 @@
 The training run and the memory tools (estimate and measurement) both use `prepare_for_training`, so
 what is measured is what is trained.
 
-- LoRA (`peft`): rank-r adapters on the language model's attention and MLP projections; the vision
-  tower stays frozen. The new `custom_text_proj` head is trained in full and saved with the adapter
-  (`modules_to_save`): a new head is randomly initialised on every load of a base model, so only a
-  saved head reloads the same.
+- LoRA (`peft`), as the reference script builds it: rank-r adapters on the language model's attention
+  and MLP projections and on the `custom_text_proj` head; the vision tower stays frozen. A head that
+  the base checkpoint lacks is randomly initialised on every load, so the kit saves that initial head
+  beside the adapter (`fingerprint.py`) and restores it before applying the adapter.
+- With `head_in_full` (the kit's opt-in): the head is trained in full and saved with the adapter
+  (`modules_to_save`), LoRA adapts the projections only.
 - Full fine-tuning (no `peft`): every weight trains.
 """
 
@@ -18,13 +20,18 @@ from .model import HEAD
 from .reference import LORA_DROPOUT, LORA_RANK
 
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The projections above in every decoder layer of the language model (never the vision tower's).
-LORA_TARGETS = r"language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-HEAD_TRAINED_IN_FULL = True  # the head is a `modules_to_save` copy, not a LoRA target
+# colpali-engine's train_colqwen3_model.py, verbatim: the projections of every module under a "model"
+# that is not visual (the language model's decoder layers), and the head.
+REFERENCE_TARGETS = r"(.*(model)(?!.*visual).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$|.*(custom_text_proj).*$)"
+# The same projections without the head, for `head_in_full`.
+PROJECTION_TARGETS = r"language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
 
-def lora_config(rank: int = LORA_RANK, alpha: int | None = None, dropout: float = LORA_DROPOUT):
-    """The recommended LoRA: rank 32, alpha = rank, dropout 0.1, gaussian init, language-model projections."""
+def lora_config(
+    rank: int = LORA_RANK, alpha: int | None = None, dropout: float = LORA_DROPOUT, head_in_full: bool = False
+):
+    """The reference LoRA: rank 32, alpha = rank, dropout 0.1, gaussian init, no bias, on the language model's
+    projections and the head; with `head_in_full`, the head is trained in full (`modules_to_save`) instead."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -32,8 +39,8 @@ def lora_config(rank: int = LORA_RANK, alpha: int | None = None, dropout: float 
         lora_alpha=alpha or rank,
         lora_dropout=dropout,
         init_lora_weights="gaussian",
-        target_modules=LORA_TARGETS,
-        modules_to_save=[HEAD] if HEAD_TRAINED_IN_FULL else None,
+        target_modules=PROJECTION_TARGETS if head_in_full else REFERENCE_TARGETS,
+        modules_to_save=[HEAD] if head_in_full else None,
         bias="none",
     )
 
@@ -45,6 +52,7 @@ def prepare_for_training(
     lora_rank: int = LORA_RANK,
     lora_alpha: int | None = None,
     lora_dropout: float = LORA_DROPOUT,
+    head_in_full: bool = False,
 ) -> torch.nn.Module:
     """Enable gradient checkpointing (non-reentrant) and wrap with LoRA if asked; returns the model to train.
 
@@ -60,7 +68,7 @@ def prepare_for_training(
     if peft:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(lora_rank, lora_alpha, lora_dropout))
+        model = get_peft_model(model, lora_config(lora_rank, lora_alpha, lora_dropout, head_in_full))
     return model.train()
 
 

@@ -105,7 +105,9 @@ def build_training_model(setup: TrainingSetup, config=None, device: str | torch.
     with torch.device(device):
         model = ColQwen3(config)
     model = model.to(dtype=getattr(torch, setup.dtype))
-    return prepare_for_training(model, setup.lora, setup.gradient_checkpointing, setup.lora_rank)
+    return prepare_for_training(
+        model, setup.lora, setup.gradient_checkpointing, setup.lora_rank, head_in_full=setup.head_in_full
+    )
 
 
 def _live_bytes(*objects) -> int:

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from .architectures import MODEL_SIZES, real_config
-from .lora import HEAD_TRAINED_IN_FULL, LORA_PROJECTIONS
+from .lora import LORA_PROJECTIONS
 from .model import ATTENTION_IMPLEMENTATIONS
 from .processor import N_QUERY_AUGMENTATION_TOKENS
 from .reference import BATCH_SIZE, EMBEDDING_DIM, LORA_RANK, MAX_VISUAL_TOKENS
@@ -69,6 +69,7 @@ class TrainingSetup:
             another architecture (then only `estimate_memory(setup, config=...)` can estimate it).
         dtype: Model dtype: `bfloat16`, `float16` or `float32`.
         lora: LoRA as training applies it (`lora.lora_config`), else full fine-tuning.
+        head_in_full: With LoRA, the head is trained in full (`modules_to_save`) instead of LoRA-adapted.
         lora_rank: LoRA rank r.
         optimizer: `adamw` (two states per trainable parameter), `sgd_momentum` (one) or `sgd` (none).
         batch_size: Per-device batch: this many queries and this many pages per step.
@@ -85,6 +86,7 @@ class TrainingSetup:
     dtype: str = "bfloat16"
     lora: bool = True
     lora_rank: int = LORA_RANK
+    head_in_full: bool = False
     optimizer: str = "adamw"
     batch_size: int = BATCH_SIZE
     max_visual_tokens: int = MAX_VISUAL_TOKENS
@@ -249,7 +251,10 @@ def _published_shape(size: str) -> Shape:
 
 
 def count_parameters(
-    model_size_or_config, lora_rank: int | None = None, embedding_dim: int = EMBEDDING_DIM
+    model_size_or_config,
+    lora_rank: int | None = None,
+    embedding_dim: int = EMBEDDING_DIM,
+    head_in_full: bool = False,
 ) -> ParameterCount:
     """Count a ColQwen3's parameters from its config (no weights are built).
 
@@ -284,7 +289,7 @@ def count_parameters(
             "down_proj": (inter, h),
         }
         lora = s.layers * sum(lora_rank * sum(widths[name]) for name in LORA_PROJECTIONS)
-        if not HEAD_TRAINED_IN_FULL:
+        if not head_in_full:  # the reference LoRA adapts the head too
             lora += lora_rank * (h + embedding_dim)
     return ParameterCount(
         embedding=s.vocab * h,
@@ -322,7 +327,7 @@ def _text_extra_bytes(s: Shape, setup: TrainingSetup, seq: int) -> int:
     """Per token, outside the decoder layers: final norm, head, normalisation, ids, rotary tables, mask."""
     a = _bytes(setup.dtype)
     h, dim = s.hidden, setup.embedding_dim
-    if setup.lora and not HEAD_TRAINED_IN_FULL:
+    if setup.lora and not setup.head_in_full:
         mask = 1 if setup.device == "cuda" else _LORA_BYTES
         head = (_LORA_BYTES + mask) * h + setup.lora_rank * _LORA_BYTES
     elif setup.lora:
@@ -380,12 +385,12 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
     s = model_shape(arch)
     a = _bytes(setup.dtype)
     cast = a if a != _FP32 else 0  # a copy made when float32 inputs meet a bf16/fp16 model
-    params = count_parameters(arch, setup.lora_rank, setup.embedding_dim)
+    params = count_parameters(arch, setup.lora_rank, setup.embedding_dim, setup.head_in_full)
 
     # Resident: frozen weights; trainable parameters and their optimizer states.
     n_states = OPTIMIZER_STATES[setup.optimizer]
     if setup.lora:
-        head = params.head if HEAD_TRAINED_IN_FULL else 0  # trained in full: a copy, in the model dtype
+        head = params.head if setup.head_in_full else 0  # trained in full: a copy, in the model dtype
         weights = a * params.base
         trainable_params = params.lora + head
         trainable_bytes = params.lora * _LORA_BYTES + head * a  # one copy of everything trained

@@ -21,7 +21,7 @@ from transformers.models.qwen3_vl import Qwen3VLConfig, Qwen3VLModel
 
 from . import formats
 from .architectures import real_config
-from .fingerprint import check_fingerprint
+from .fingerprint import check_fingerprint, restore_base_head
 from .processor import ColQwen3Processor, saved_by_kit
 from .reference import EMBEDDING_DIM, MAX_VISUAL_TOKENS
 from .tiny import resolve_model_path
@@ -453,6 +453,8 @@ def load_model(
     if adapter is not None:
         config = check_adapter(adapter, model, str(model_path))
         check_fingerprint(adapter, model, str(model_path))
+        if new_head and restore_base_head(adapter, model):
+            new_head = False  # the head the adapter was trained on, saved with it
         if new_head and HEAD not in (config.get("modules_to_save") or []):
             logger.warning(
                 f"the base model has no {HEAD} and adapter {adapter} does not save one (modules_to_save): "

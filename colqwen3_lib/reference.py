@@ -17,13 +17,17 @@ MODEL_IDS = {
 EMBEDDING_DIM = 128
 MAX_VISUAL_TOKENS = 768
 LR = 2e-4
-TAU = 0.02
+TAU = 0.02  # ColbertLoss(temperature=tau, normalize_scores=True): the `ce` loss
+PAIRWISE_TEMPERATURE = 1.0  # ColbertPairwiseCELoss(normalize_scores=False) keeps its default temperature
 LORA_RANK = 32
 LORA_DROPOUT = 0.1
 NUM_TRAIN_EPOCHS = 5.0
 WARMUP_STEPS = 100
 EVAL_STEPS = 100
 SAVE_STEPS = 500
+EVAL_BATCH_SIZE = 16
+LOGGING_STEPS = 10
+SAVE_TOTAL_LIMIT = 1
 
 # Recommended per-device batches: 2B 64; 4B 32-48; 8B 16-32 (both ends of each range).
 BATCH_SIZE = 64

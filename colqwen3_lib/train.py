@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--tau",
         type=float,
-        help=f"temperature: scores (MaxSim / query length) are divided by it {_default('tau')}",
+        help="temperature: scores are divided by it. Unset, the reference's: 0.02 for --loss ce (on scores divided "
+        "by the query's length), 1.0 for --loss pairwise (on raw summed MaxSim scores); given with --loss pairwise, "
+        f"it replaces that 1.0 {_default('tau')}",
     )
     add(
         "--trainer",
@@ -79,7 +81,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--peft",
         action="store_true",
         default=None,
-        help="LoRA fine-tuning (rank 32, alpha 32, dropout 0.1, language-model projections; the head is trained in full); without it, every weight is trained",
+        help="LoRA fine-tuning as the reference: rank 32, alpha 32, dropout 0.1, on the language model's projections and "
+        "the custom_text_proj head; without it, every weight is trained",
+    )
+    add(
+        "--head-in-full",
+        action="store_true",
+        default=None,
+        help="with --peft, train the custom_text_proj head in full and save it with the adapter (modules_to_save) "
+        f"instead of adapting it with LoRA (the reference's way) {_default('head_in_full')}",
+    )
+    add(
+        "--normalize-scores",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="divide MaxSim scores by the query's length before the temperature; unset: on for ce, off for pairwise "
+        "(the reference's)",
+    )
+    add(
+        "--dim",
+        type=int,
+        help="size of the embeddings (the head's output) when the base checkpoint has no head: 128 (the reference "
+        "README's), or 320 to train checkpoints colpali-engine's ColQwen3 loads; unset: the base's head size, else 128",
     )
     add("--lora-rank", type=int, help=f"LoRA rank; alpha follows it {_default('lora_rank')}")
     add(

@@ -32,12 +32,12 @@ from .config import (
 )
 from .data import PairDataset, load_pairs
 from .files import write_json
-from .fingerprint import base_fingerprint, write_fingerprint
+from .fingerprint import adapter_files, write_adapter_files
 from .hf_trainer import train_hf
 from .loop import train_torch_loop
 from .lora import prepare_for_training
 from .losses import NonFiniteLossError
-from .model import ColQwen3
+from .model import HEAD, ColQwen3
 from .oom import TrainingOutOfMemoryError, find_batch_size, is_oom_error, oom_advice
 from .processor import ColQwen3Processor
 from .runs import check_resume, prepare_output_dir, write_record
@@ -71,6 +71,7 @@ def build_model(config: TrainConfig) -> tuple[torch.nn.Module, ColQwen3Processor
     device = PartialState().device
     model = ColQwen3.from_pretrained(
         config.base_model_path,
+        dim=config.dim,
         attn_implementation=config.attn_implementation,
         dtype=torch.bfloat16 if config.bf16_enabled else torch.float32,
         device_map={"": device} if device.type == "cuda" else None,
@@ -78,7 +79,8 @@ def build_model(config: TrainConfig) -> tuple[torch.nn.Module, ColQwen3Processor
     processor = ColQwen3Processor.from_pretrained(
         config.base_model_path, max_num_visual_tokens=config.max_visual_tokens
     )
-    fingerprint = base_fingerprint(model) if config.peft else None
+    head_is_new = any(k.startswith(HEAD) for k in model.loading_info["missing_keys"])
+    files = adapter_files(model, head_is_new, head_in_lora=not config.head_in_full) if config.peft else None
     model = prepare_for_training(
         model,
         config.peft,
@@ -86,8 +88,9 @@ def build_model(config: TrainConfig) -> tuple[torch.nn.Module, ColQwen3Processor
         config.lora_rank,
         config.lora_alpha,
         config.lora_dropout,
+        config.head_in_full,
     )
-    model.base_fingerprint = fingerprint  # written beside every adapter the run saves
+    model.adapter_files = files  # written beside every adapter the run saves
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     logger.info(f"trainable parameters: {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%)")
@@ -138,8 +141,7 @@ def _train_once(
     if is_main_process():
         model.save_pretrained(config.output_dir)  # the LoRA adapter, or the full model
         processor.save_pretrained(config.output_dir)
-        if model.base_fingerprint:
-            write_fingerprint(config.output_dir, model.base_fingerprint)
+        write_adapter_files(config.output_dir, model.adapter_files)
     model.eval()
     return TrainResult(Path(config.output_dir), model, processor, config, metrics)
 

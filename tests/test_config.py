@@ -1,6 +1,8 @@
 """Training settings: what `TrainConfig` refuses, batches across processes, and a run's config as the
 memory setup that out-of-memory advice and estimates are computed for."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,7 +31,10 @@ def test_batches_across_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = default_config(tmp_path, "tiny", per_device_train_batch_size=8, gradient_accumulation_steps=3)
     assert config.effective_batch_size == 8 * 3 * 2
-    assert eval_batch_size(config, None) == 8
+    assert eval_batch_size(config, None) == 16  # the reference's evaluation batch
+    assert (
+        eval_batch_size(dataclasses.replace(config, per_device_eval_batch_size=None), None) == 8
+    )  # the training's
     assert eval_batch_size(config, 10) == 5  # no larger than each process's share of the rows
     assert eval_batch_size(config, 1) == 1
 

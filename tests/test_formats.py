@@ -422,14 +422,19 @@ def test_a_colpali_engine_adapter_loads_with_colpali_prompts(native, processor, 
         assert not torch.allclose(ours, before, atol=1e-3)  # the adapter really changed something
 
 
-def test_a_kit_adapter_keeps_the_kit_prompts(tiny_path, tmp_path):
+def test_adapters_of_both_recipes_get_the_reference_prompts(tiny_path, tmp_path):
+    """The kit's default LoRA is the reference's (the head is a LoRA target): the same layout as
+    colpali-engine's adapters, with the same prompts; the kit's opt-in head-in-full layout too."""
     from peft import get_peft_model
 
     from colqwen3_lib.lora import lora_config
 
-    peft_model = get_peft_model(load(tiny_path), lora_config(rank=2))
-    peft_model.save_pretrained(tmp_path / "kit-adapter")
-    assert detect_format(tmp_path / "kit-adapter").name == "kit-adapter"
-    assert prompts_for(tmp_path / "kit-adapter") == formats.KIT_PROMPTS
+    for head_in_full, name in ((False, "colpali-engine-adapter"), (True, "kit-adapter")):
+        folder = tmp_path / name
+        get_peft_model(load(tiny_path), lora_config(rank=2, head_in_full=head_in_full)).save_pretrained(
+            folder
+        )
+        assert detect_format(folder).name == name
+        assert prompts_for(folder) == formats.KIT_PROMPTS == formats.COLPALI_PROMPTS
     with pytest.raises(ValueError, match="PEFT adapter"):
         load(tmp_path / "kit-adapter")

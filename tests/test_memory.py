@@ -29,20 +29,27 @@ def test_parameter_count_matches_the_built_model(size):
     assert counted.embedding == model.language_model.embed_tokens.weight.numel()
 
 
-def test_lora_parameter_count_matches_the_model_training_builds():
-    """LoRA as `lora.prepare_for_training` applies it: adapters on the language model's 7 projections,
-    and the head trained in full as a second copy (`modules_to_save`)."""
+@pytest.mark.parametrize("head_in_full", [False, True])
+def test_lora_parameter_count_matches_the_model_training_builds(head_in_full):
+    """LoRA as `lora.prepare_for_training` applies it: adapters on the language model's 7 projections and the
+    head (the reference), or with `head_in_full` the head trained as a second copy (`modules_to_save`)."""
     from colqwen3_lib.lora import prepare_for_training
     from colqwen3_lib.model import random_model
 
     model = prepare_for_training(
-        random_model("tiny", torch.float32), peft=True, gradient_checkpointing=False, lora_rank=32
+        random_model("tiny", torch.float32),
+        peft=True,
+        gradient_checkpointing=False,
+        lora_rank=32,
+        head_in_full=head_in_full,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    counted = memory.count_parameters("tiny", lora_rank=32)
-    assert counted.lora + counted.head == trainable
-    assert sum(p.numel() for p in model.parameters()) == counted.base + counted.lora + counted.head
-    assert estimate_memory(model_size="tiny", lora_rank=32).trainable_params == trainable
+    counted = memory.count_parameters("tiny", lora_rank=32, head_in_full=head_in_full)
+    copy = counted.head if head_in_full else 0
+    assert counted.lora + copy == trainable
+    assert sum(p.numel() for p in model.parameters()) == counted.base + counted.lora + copy
+    estimate = estimate_memory(model_size="tiny", lora_rank=32, head_in_full=head_in_full)
+    assert estimate.trainable_params == trainable
 
 
 def test_published_sizes_are_about_2_4_8_billion_parameters():
@@ -75,10 +82,15 @@ def test_breakdown_adds_up_to_the_total(setup):
 def test_lora_trains_only_the_adapters_and_the_head():
     lora, full = estimate_memory(lora=True), estimate_memory(lora=False)
     params = memory.count_parameters("2b", lora_rank=32)
-    assert lora.trainable_params == params.lora + params.head
-    # float32 adapters and the bf16 copy of the head; no gradient for the frozen base
-    assert lora.all_gradients == 4 * params.lora + 2 * params.head
+    assert lora.trainable_params == params.lora  # the head's adapters are among them
+    assert lora.all_gradients == 4 * params.lora  # float32 adapters; no gradient for the frozen base
     assert lora.weights == 2 * params.base  # bf16 base weights
+    in_full = estimate_memory(lora=True, head_in_full=True)
+    in_full_params = memory.count_parameters("2b", lora_rank=32, head_in_full=True)
+    assert in_full.trainable_params == in_full_params.lora + in_full_params.head
+    assert (
+        in_full.all_gradients == 4 * in_full_params.lora + 2 * in_full_params.head
+    )  # the bf16 copy of the head
     assert full.trainable_params == params.base
     assert full.trainable == 3 * 2 * params.base  # bf16 parameters + two AdamW states
     assert lora.total < full.total

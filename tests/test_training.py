@@ -100,7 +100,8 @@ def test_outputs_are_written(torch_run):
         0.1,
         "gaussian",
     )
-    assert lora["modules_to_save"] == ["custom_text_proj"]
+    assert lora["modules_to_save"] is None and "custom_text_proj" in lora["target_modules"]  # the reference's
+    assert (out / "base_head.safetensors").exists()  # the head the adapter's LoRA was trained on
 
 
 # ----------------------------------------------------------------------------------------- reloading
@@ -110,6 +111,7 @@ def test_a_trained_adapter_reloads_with_the_same_embeddings(torch_run):
     from peft import PeftModel
 
     from colqwen3_lib import ColQwen3
+    from colqwen3_lib.fingerprint import restore_base_head
 
     pages = [
         row["image"] for row in load_pairs("synthetic", "train").dataset.cast_column("image", _decoded())
@@ -118,7 +120,9 @@ def test_a_trained_adapter_reloads_with_the_same_embeddings(torch_run):
     batch_queries = torch_run.processor.process_queries(["a red bar chart", "blue table"])
     with torch.no_grad():
         expected = [torch_run.model(**batch_pages), torch_run.model(**batch_queries)]
-        reloaded = PeftModel.from_pretrained(ColQwen3.from_pretrained("tiny"), torch_run.output_dir).eval()
+        base = ColQwen3.from_pretrained("tiny")
+        assert restore_base_head(torch_run.output_dir, base)  # the initial head, saved with the adapter
+        reloaded = PeftModel.from_pretrained(base, torch_run.output_dir).eval()
         got = [reloaded(**batch_pages), reloaded(**batch_queries)]
         merged = reloaded.merge_and_unload()
         got_merged = [merged(**batch_pages), merged(**batch_queries)]
