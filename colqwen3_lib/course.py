@@ -26,7 +26,6 @@ from .reference import (
     MODEL_IDS,
     NUM_TRAIN_EPOCHS,
     RECOMMENDED_BATCHES,
-    TAU,
     TRAIN_DATASET,
 )
 
@@ -46,7 +45,6 @@ _REAL = {
     "EVAL_DATASETS": "vidore-v1",
     "LOSS": "pairwise",
     "LR": LR,
-    "TAU": TAU,
     "MAX_STEPS": -1,
     "NUM_TRAIN_EPOCHS": NUM_TRAIN_EPOCHS,
     "GRADIENT_CHECKPOINTING": True,
