@@ -335,23 +335,16 @@ def check_hub(timeout: float = HUB_TIMEOUT_S) -> Check:
 @contextmanager
 def _quiet():
     """Silence transformers' and the kit's loading messages and progress bars."""
-    from transformers.utils import logging as hf_logging
+    from .model import quiet_transformers
 
-    loggers = [logging.getLogger("colqwen3_lib"), logging.getLogger("transformers")]
-    levels = [lg.level for lg in loggers]
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    kit = logging.getLogger("colqwen3_lib")
+    level = kit.level
+    kit.setLevel(logging.ERROR)
     try:
-        yield
+        with quiet_transformers():
+            yield
     finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        kit.setLevel(level)
 
 
 def check_tiny() -> Check:

@@ -14,6 +14,8 @@ what is measured is what is trained.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .model import HEAD
@@ -68,7 +70,9 @@ def prepare_for_training(
     if peft:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(lora_rank, lora_alpha, lora_dropout, head_in_full))
+        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora_config(lora_rank, lora_alpha, lora_dropout, head_in_full))
     return model.train()
 
 

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
+import sys
+import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -135,6 +139,32 @@ def _live_bytes(*objects) -> int:
     return sum(seen.values())
 
 
+# What the profiler's C++ side prints on every start and stop, whatever happens: not news for a learner.
+_PROFILER_CHATTER = (
+    "SyncActivityProfilerHandler",
+    "gpuGetDeviceCount failed",
+    "Memory block of unknown size",
+)
+
+
+@contextmanager
+def _without_profiler_chatter():
+    """Hold back the profiler's own start/stop lines (written by C++ to file descriptor 2); pass on anything else."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for line in caught.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(marker in line for marker in _PROFILER_CHATTER):
+                    sys.stderr.write(line)
+
+
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak bytes allocated by `fn` above what was allocated when it started, on the CPU.
 
@@ -146,7 +176,7 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_profiler_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = []
 

@@ -11,6 +11,8 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -104,6 +106,22 @@ def resolve_attn_implementation(requested: str | None, device: str | torch.devic
     return requested
 
 
+@contextmanager
+def quiet_transformers():
+    """Hold back transformers' info/warning messages and progress bars (its load report, "Loading weights")."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class ColQwen3(Qwen3VLModel):
     """Qwen3-VL backbone + a linear head to `dim`-dimensional, L2-normalised token embeddings.
 
@@ -130,6 +148,7 @@ class ColQwen3(Qwen3VLModel):
         *model_args,
         dim: int | None = None,
         mask_non_image_embeddings: bool = False,
+        warn_new_head: bool = True,
         attn_implementation: str | None = None,
         **kwargs,
     ) -> ColQwen3:
@@ -147,6 +166,8 @@ class ColQwen3(Qwen3VLModel):
                 shape of its saved head), else 128. For a Matryoshka head (Ops-Colqwen3), the number
                 of outputs to keep (default: the config's `dims`).
             mask_non_image_embeddings: See the class docstring.
+            warn_new_head: Warn when the head is newly initialised (`load_model` turns it off while an
+                adapter may still bring the head).
             attn_implementation: `flash_attention_2`, `sdpa` or `eager`; flash-attn falls back to
                 sdpa with one warning when it cannot run where the model goes (`device_map`; the CPU
                 without one).
@@ -186,16 +207,18 @@ class ColQwen3(Qwen3VLModel):
             dim = getattr(config, "embedding_dim", None) or fmt.checkpoint_dim(checkpoint)
         config.embedding_dim = int(dim or EMBEDDING_DIM)
         kwargs.setdefault("key_mapping", fmt.key_mapping)
-        model, info = super().from_pretrained(
-            path,
-            *model_args,
-            config=config,
-            attn_implementation=resolve_attn_implementation(
-                attn_implementation, device_of(kwargs.get("device_map"))
-            ),
-            output_loading_info=True,
-            **kwargs,
+        attn_implementation = resolve_attn_implementation(
+            attn_implementation, device_of(kwargs.get("device_map"))
         )
+        with quiet_transformers():  # its load report and progress bar: the checks below say what matters
+            model, info = super().from_pretrained(
+                path,
+                *model_args,
+                config=config,
+                attn_implementation=attn_implementation,
+                output_loading_info=True,
+                **kwargs,
+            )
         missing = [k for k in info["missing_keys"] if not k.startswith(HEAD)]
         if missing:
             raise RuntimeError(
@@ -218,7 +241,7 @@ class ColQwen3(Qwen3VLModel):
                 f"{path} has weights of another shape: {info['mismatched_keys'][:3]}. If the saved head has "
                 "another size, pass dim=<that size>."
             )
-        if any(k.startswith(HEAD) for k in info["missing_keys"]):
+        if warn_new_head and any(k.startswith(HEAD) for k in info["missing_keys"]):
             logger.warning(
                 f"Loaded the Qwen3-VL backbone from {path}; {HEAD} (hidden {config.text_config.hidden_size} -> "
                 f"{model.dim}) is newly initialised: train it (e.g. with LoRA) before using the embeddings."
@@ -403,6 +426,36 @@ def check_adapter(adapter_dir: str | os.PathLike, model: torch.nn.Module, model_
     return config
 
 
+def apply_adapter(model: ColQwen3, adapter: str | os.PathLike, model_path: str = ""):
+    """Check a PEFT adapter against `model` (shapes, base fingerprint), restore the initial head saved with it,
+    and wrap `model` with it: a `PeftModel` (call `.merge_and_unload()` for a plain ColQwen3).
+
+    Raises:
+        ValueError: the adapter does not fit `model` or was trained on other base weights.
+    """
+    from peft import PeftModel
+
+    model_path = model_path or str(model.name_or_path)
+    config = check_adapter(adapter, model, model_path)
+    check_fingerprint(adapter, model, model_path)
+    new_head = any(k.startswith(HEAD) for k in getattr(model, "loading_info", {}).get("missing_keys", []))
+    if (
+        new_head
+        and not restore_base_head(adapter, model)
+        and HEAD not in (config.get("modules_to_save") or [])
+    ):
+        logger.warning(
+            f"the base model has no {HEAD} and adapter {adapter} saves neither it nor its initial head: its "
+            "embeddings come from a freshly initialised head, not the one it was trained with"
+        )
+    try:
+        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ValueError(f"adapter {adapter} could not be loaded onto {model_path!r}: {err}") from err
+
+
 def load_model(
     model_path: str,
     adapter: str | os.PathLike | None = None,
@@ -446,26 +499,13 @@ def load_model(
         dtype=dtype or default_dtype(device),
         attn_implementation=attn_implementation,
         device_map={"": device} if device.type == "cuda" else None,
+        warn_new_head=adapter is None,  # with an adapter, warned below only if it brings no head
     )
     new_head = any(k.startswith(HEAD) for k in model.loading_info["missing_keys"])
     processor_dir = resolve_model_path(model_path)
     trained = not new_head
     if adapter is not None:
-        config = check_adapter(adapter, model, str(model_path))
-        check_fingerprint(adapter, model, str(model_path))
-        if new_head and restore_base_head(adapter, model):
-            new_head = False  # the head the adapter was trained on, saved with it
-        if new_head and HEAD not in (config.get("modules_to_save") or []):
-            logger.warning(
-                f"the base model has no {HEAD} and adapter {adapter} does not save one (modules_to_save): "
-                "its embeddings come from a freshly initialised head, not the one it was trained with"
-            )
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ValueError(f"adapter {adapter} could not be loaded onto {model_path!r}: {err}") from err
+        model = apply_adapter(model, adapter, str(model_path)).merge_and_unload()
         if any((Path(adapter) / f).exists() for f in ("processor_config.json", "preprocessor_config.json")):
             processor_dir, trained = str(adapter), True
     processor = ColQwen3Processor.from_pretrained(processor_dir)

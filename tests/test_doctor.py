@@ -23,7 +23,7 @@ def test_report_on_this_machine_is_ok(report):
         assert report.check(name).status == doctor.OK, report.check(name)
     assert "Qwen3VLModel" in report.check("qwen3_vl").detail
     assert "offline checkpoint loads" in report.check("tiny model").detail
-    assert "(1, 20, 128)" in report.check("tiny model").detail  # query: 10 text + 10 augmentation tokens
+    assert "(1, 18, 128)" in report.check("tiny model").detail  # query: 8 text + 10 augmentation tokens
 
 
 def test_report_describes_the_accelerator_and_attention(report):
