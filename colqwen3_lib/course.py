@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import re
 import sys
 import time
+from html import escape
 from pathlib import Path
 
 from .reference import (
@@ -91,15 +93,67 @@ def declared_parameters(notebook: Path) -> set[str]:
     return set(papermill.inspect_notebook(str(notebook)))
 
 
+TEMPLATES = Path(__file__).parent / "templates"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = (
+    "*Interactive in JupyterLab (`make lab`): this widget redraws the figure for other values. The static figure "
+    "of its default state is shown above.*"
+)
+# The kernel's own log (its "running over TCP" notice, "KeyboardInterrupt caught in kernel" at shutdown) is not
+# the learner's business; errors still show.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+
+
 def render_html(executed: Path, target: Path) -> None:
+    """An executed notebook as one HTML page that reads offline: nothing is fetched from a CDN, and each
+    widget output (which would need the widget manager) is replaced by a note pointing to its static figure."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    nb = nbformat.read(executed, as_version=4)
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        for i, output in enumerate(cell.get("outputs", [])):
+            if WIDGET_VIEW in output.get("data", {}):
+                cell.outputs[i] = nbformat.v4.new_output("display_data", data={"text/markdown": WIDGET_NOTE})
+    exporter = HTMLExporter(extra_template_basedirs=[str(TEMPLATES)], template_name="offline")
+    body, _ = exporter.from_notebook_node(nb)
     target.write_text(body)
 
 
-def _write_summary(output_dir: Path, rows: list[dict]) -> None:
+def notebook_intro(notebook: Path) -> tuple[str, str]:
+    """A notebook's title (its H1) and what it teaches (the paragraph under the title)."""
+    import nbformat
+
+    text = "".join(nbformat.read(notebook, as_version=4).cells[0].source).strip().split("\n\n")
+    title = text[0].lstrip("# ").strip()
+    return title, " ".join(text[1].split()) if len(text) > 1 else ""
+
+
+# The metrics the landing page shows for each notebook (the rest are in summary.json).
+KEY_METRICS = {
+    "00_setup_check": ("ok", "attention"),
+    "01_processor_and_visual_tokens": ("visual_tokens", "query_tokens"),
+    "02_model_and_late_interaction": ("top1_accuracy", "embedding_dim"),
+    "03_lora_training": ("steps", "first_loss", "final_loss", "train_seconds"),
+    "04_vidore_eval": ("ndcg_at_5_untrained", "ndcg_at_5"),
+    "05_troubleshooting_oom": ("predicted_gib", "max_abs_error", "suggested_batch_size"),
+    "06_search_your_documents": ("n_pages", "reload_identical"),
+}
+
+
+def _inline_code(text: str) -> str:
+    """Markdown's `code` spans as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return escape(str(value))
+
+
+def _write_summary(output_dir: Path, rows: list[dict], notebooks_dir: Path = DEFAULT_NOTEBOOKS_DIR) -> None:
     (output_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = ["| notebook | status | seconds | metrics |", "| --- | --- | --- | --- |"]
     for row in rows:
@@ -110,14 +164,38 @@ def _write_summary(output_dir: Path, rows: list[dict]) -> None:
         )
         lines.append(f"| {row['notebook']} | {row['status']} | {row['seconds']:.1f} | {metrics} |")
     (output_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    links = "\n".join(
-        f'<li><a href="html/{r["notebook"]}.html">{r["notebook"]}</a>: {r["status"]}, {r["seconds"]:.1f} s</li>'
-        for r in rows
-        if (output_dir / "html" / f"{r['notebook']}.html").exists()
-    )
-    (output_dir / "index.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>ColQwen3 course run</title></head>"
-        f"<body><h1>ColQwen3 course run</h1><ul>{links}</ul></body></html>\n"
+    (output_dir / "index.html").write_text(_landing_page(output_dir, rows, notebooks_dir))
+
+
+def _landing_page(output_dir: Path, rows: list[dict], notebooks_dir: Path) -> str:
+    """index.html: each notebook's title, what it teaches, its time, key metrics, and the total time."""
+    items = []
+    for row in rows:
+        name = row["notebook"]
+        source = notebooks_dir / f"{name}.ipynb"
+        title, teaches = notebook_intro(source) if source.exists() else (name, "")
+        link = (
+            f'<a href="html/{name}.html">{escape(title)}</a>'
+            if (output_dir / "html" / f"{name}.html").exists()
+            else escape(title)
+        )
+        shown = [k for k in KEY_METRICS.get(name, ()) if k in row.get("metrics", {})]
+        metrics = "".join(f"<li><code>{k}</code> {_shown(row['metrics'][k])}</li>" for k in shown)
+        status = "" if row["status"] == "ok" else f' <strong class="failed">{escape(row["status"])}</strong>'
+        items.append(
+            f"<tr><td>{link}{status}<p>{_inline_code(escape(teaches))}</p></td><td class='time'>{row['seconds']:.0f} s</td>"
+            f"<td><ul>{metrics}</ul></td></tr>"
+        )
+    total = sum(r["seconds"] for r in rows)
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>ColQwen3 course run</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;width:100%}td{border-top:1px solid #ccc;padding:.6em;vertical-align:top}"
+        "td p{margin:.3em 0 0;color:#555;font-size:.92em}ul{margin:0;padding-left:1.1em}.failed{color:#b00}"
+        ".time{white-space:nowrap}"
+        "</style></head><body><h1>ColQwen3 course run</h1>"
+        f"<p>{len(rows)} notebooks, {total:.0f} s in all. Each page below reads offline.</p>"
+        f"<table><tr><th>notebook</th><th>time</th><th>key metrics</th></tr>{''.join(items)}</table></body></html>\n"
     )
 
 
@@ -192,7 +270,12 @@ def run_course(
         start = time.perf_counter()
         try:
             papermill.execute_notebook(
-                str(source), str(executed), parameters=params, cwd=str(notebooks_dir), progress_bar=progress
+                str(source),
+                str(executed),
+                parameters=params,
+                cwd=str(notebooks_dir),
+                progress_bar=progress,
+                extra_arguments=KERNEL_ARGUMENTS,
             )
             status, error = "ok", None
         except PapermillExecutionError as err:
@@ -205,7 +288,7 @@ def run_course(
         if executed.exists():
             render_html(executed, output_dir / "html" / f"{name}.html")
         earlier[name] = rows[-1]
-        _write_summary(output_dir, [earlier[n] for n in NOTEBOOKS if n in earlier])
+        _write_summary(output_dir, [earlier[n] for n in NOTEBOOKS if n in earlier], notebooks_dir)
         print(f"    {status} in {seconds:.1f} s", flush=True)
         if error:
             raise NotebookFailed(error + f" (executed notebook: {executed})")

@@ -72,3 +72,92 @@ def test_oom_notebook_estimates_within_tolerance(course):
     metrics = course[1]["05_troubleshooting_oom"]["metrics"]
     assert metrics["max_abs_error"] <= 0.25
     assert metrics["finder_batch_size"] <= 24  # the simulated device fails above 24
+
+
+# Output a learner should never see in an executed notebook: warnings, errors, tracebacks, raw log lines.
+NOISE = ("Warning", "WARNING", "ERROR", "Error", "Traceback", "USDT:", "LOAD REPORT", "[W1", "[IPKernelApp]")
+
+
+def _outputs(path):
+    import nbformat
+
+    for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        for output in cell.get("outputs", []):
+            text = output.get("text") or "".join(
+                str(v) for k, v in output.get("data", {}).items() if k.startswith("text/")
+            )
+            yield index, output.get("name", output["output_type"]), text
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_warning_or_error_reaches_the_outputs(course, name):
+    out, _ = course
+    noisy = [
+        f"cell {index} ({kind}): {text.strip()[:200]}"
+        for index, kind, text in _outputs(out / f"{name}.ipynb")
+        if kind == "stderr" or any(marker in text for marker in NOISE)
+    ]
+    assert not noisy, "\n".join(noisy)
+
+
+def test_the_landing_page_lists_every_notebook_with_its_time(course):
+    out, rows = course
+    page = (out / "index.html").read_text()
+    for name in NOTEBOOKS:
+        assert f'href="html/{name}.html"' in page
+    assert f"{len(NOTEBOOKS)} notebooks" in page and "What ColQwen3 adds to Qwen3-VL" in page
+
+
+def _browser():
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if path is None:
+        pytest.skip(
+            "no Chromium here: `apt-get install chromium` (.ci/run installs it) to open the HTML in a browser"
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: `pip install -e .[dev]`")
+    return path, sync_playwright
+
+
+def _open_offline(browser, path) -> dict:
+    """Open a page from disk with every request off the machine blocked; what it asked for and what went wrong."""
+    seen = {"outside": [], "failed": [], "errors": []}
+
+    def route(route):
+        if route.request.url.startswith("file:"):
+            return route.continue_()
+        seen["outside"].append(route.request.url)
+        return route.abort()
+
+    page = browser.new_page()
+    page.route("**/*", route)
+    page.on("requestfailed", lambda request: seen["failed"].append(request.url))
+    page.on("pageerror", lambda error: seen["errors"].append(str(error)))
+    page.on(
+        "console", lambda message: seen["errors"].append(message.text) if message.type == "error" else None
+    )
+    page.goto(path.as_uri(), wait_until="load")
+    seen["text"] = page.inner_text("body")
+    seen["widgets"] = page.locator(".jupyter-widgets, .widget-area").count()
+    page.close()
+    return seen
+
+
+def test_every_page_reads_offline_in_a_real_browser(course):
+    """Opened from disk in headless Chromium with every request off the machine blocked: nothing is asked
+    for, nothing fails, no script error, no widget left blank, no error text on the page."""
+    out, _ = course
+    executable, sync_playwright = _browser()
+    pages = [out / "index.html", *(out / "html" / f"{name}.html" for name in NOTEBOOKS)]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        for path in pages:
+            seen = _open_offline(browser, path)
+            assert not (seen["outside"] or seen["failed"] or seen["errors"]), (path.name, seen)
+            assert "Traceback" not in seen["text"] and "Error:" not in seen["text"], path.name
+            assert seen["widgets"] == 0, path.name  # widgets became notes: none is left blank
+        browser.close()
