@@ -1,13 +1,14 @@
 # Quick start: `make course` (runs the offline course) and `make test` (runs the test suite);
 # both create .venv with the kit installed the first time they run.
-# `make demo` is a one-minute end-to-end check; `make bench` prints the benchmarks.
+# `make lab` opens the course in JupyterLab; `make demo` is a one-minute end-to-end check; `make bench` prints
+# the benchmarks.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= notebooks,eval,dev
 PYTEST_ARGS ?=
 
-.PHONY: install course demo test lint bench clean
+.PHONY: install course lab demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ install: $(VENV)/.installed-$(EXTRAS)
 
 course: install
 	$(BIN)/python -m colqwen3_lib.course --profile tiny --output-dir runs/tiny --no-progress
+
+lab: install
+	cd notebooks && ../$(BIN)/jupyter lab
 
 demo: install
 	$(BIN)/python -m colqwen3_lib.demo
