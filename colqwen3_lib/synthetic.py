@@ -1,14 +1,18 @@
-"""Synthetic document pages in the schemas of `vidore/colpali_train_set` and the ViDoRe v1 test sets.
+"""Synthetic document pages in the schemas of `vidore/colpali_train_set` and the ViDoRe v1 test sets,
+and each test set's BEIR mirror as mteb mirrors the ViDoRe v1 QA sets (`mteb/<task>_beir`).
 
 Every query names attributes that are visible on its page (kind of page, main colour, orientation),
 so even the tiny offline model can learn the retrieval task in a few CPU minutes. `synthetic_docs()`
-renders them once per cache; `data.load_split("synthetic", ...)` is how the rest of the kit reads them.
+renders them once per cache; `data.load_split("synthetic", ...)` and `tasks.load_task` are how the rest
+of the kit reads them. `mirror_qa_rows` is how a QA test set becomes its BEIR mirror.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -17,7 +21,7 @@ from .files import build_folder
 from .tiny import cache_dir
 
 SYNTHETIC = "synthetic"
-SYNTHETIC_VERSION = 3
+SYNTHETIC_VERSION = 4
 COLOURS = {
     "red": (214, 39, 40),
     "blue": (31, 90, 200),
@@ -34,6 +38,8 @@ KINDS = CHART_KINDS + DOCUMENT_KINDS
 ORIENTATIONS = ("portrait", "landscape")
 # ViDoRe-v1-style synthetic test tasks: name -> the page kinds it contains.
 SYNTHETIC_TASKS = {"synthetic_charts_test": CHART_KINDS, "synthetic_documents_test": DOCUMENT_KINDS}
+# Their BEIR mirrors (folders `corpus`, `queries`, `qrels`): mirror name -> the QA task it mirrors.
+SYNTHETIC_BEIR_TASKS = {f"{name}_beir": name for name in SYNTHETIC_TASKS}
 TRAIN_SET_NAME = "colpali_train_set"
 
 _TITLES = (
@@ -45,9 +51,9 @@ _TITLES = (
     "Report title",
 )
 _QUERY_TEMPLATES = (  # each names all three attributes: one page per test set answers a query
-    "Which {orientation} page shows a {colour} {kind}?",
+    "Which {orientation} page shows {a} {colour} {kind}?",
     "Find the {colour} {kind} in {orientation} layout",
-    "{orientation} page with a {colour} {kind}",
+    "{orientation} page with {a} {colour} {kind}",
     "Where is the {orientation} {kind} drawn in {colour}?",
     "{colour} {kind}, {orientation}",
 )
@@ -155,8 +161,14 @@ def render_page(kind: str, colour: str, orientation: str, rng: random.Random) ->
     return page
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _query(rng: random.Random, kind: str, colour: str, orientation: str) -> str:
-    text = rng.choice(_QUERY_TEMPLATES).format(kind=kind, colour=colour, orientation=orientation)
+    text = rng.choice(_QUERY_TEMPLATES).format(
+        kind=kind, colour=colour, orientation=orientation, a=_article(colour)
+    )
     return text[0].upper() + text[1:]
 
 
@@ -166,7 +178,7 @@ def _rows(combos, rng, source: str, with_query) -> dict[str, list]:
         rows["image"].append(render_page(kind, colour, orientation, rng))
         rows["image_filename"].append(f"{source}/{kind.replace(' ', '_')}_{colour}_{orientation}_{i:05d}.png")
         rows["query"].append(_query(rng, kind, colour, orientation) if with_query(i) else None)
-        rows["answer"].append(f"a {colour} {kind} in {orientation} layout")
+        rows["answer"].append(f"{_article(colour)} {colour} {kind} in {orientation} layout")
         rows["source"].append(source)
         rows["page"].append("1")
     return rows
@@ -203,6 +215,79 @@ def _test_task(kinds, n: int, rng: random.Random, distractor_share: float):
     return Dataset.from_dict(rows, features=features)
 
 
+def image_key(value) -> str:
+    """A content key for one stored image: a digest of its bytes (or of its path when only that is stored)."""
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if data is None:
+            path = value.get("path")
+            if path is None:
+                raise ValueError("an image holds neither bytes nor a path")
+            data = Path(path).read_bytes() if os.path.exists(path) else str(path).encode()
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
+    if isinstance(value, Image.Image):
+        return hashlib.blake2b(
+            value.tobytes() + repr((value.mode, value.size)).encode(), digest_size=16
+        ).hexdigest()
+    if isinstance(value, str | os.PathLike):
+        return hashlib.blake2b(Path(value).read_bytes(), digest_size=16).hexdigest()
+    raise ValueError(f"cannot read an image from a {type(value).__name__}; the image column must hold images")
+
+
+def mirror_qa_rows(queries: Sequence[str | None], images: Sequence[Hashable]) -> dict[str, list]:
+    """A ViDoRe v1 QA test set's rows as its BEIR mirror, the way mteb's `mteb/<task>_beir` were made.
+
+    The corpus is the distinct images (by content), in order of their first row, with corpus id
+    0, 1, ...; the queries are the distinct texts that are not None, in order of their first row, with
+    query id 0, 1, ...; every row with a query gives one judgement (that query, that row's image,
+    relevance 1), so each row of a repeated query is relevant.
+
+    Args:
+        queries: Each row's query (None on a distractor page).
+        images: Each row's image content key (equal keys: the same image).
+
+    Returns:
+        {"corpus": [first row of each corpus id], "queries": [text of each query id],
+        "qrels": [(query id, corpus id), ...] without repeats}.
+    """
+    corpus_id: dict[Hashable, int] = {}
+    query_id: dict[str, int] = {}
+    corpus, qrels = [], {}
+    for row, (query, image) in enumerate(zip(queries, images)):
+        if image not in corpus_id:
+            corpus_id[image] = len(corpus)
+            corpus.append(row)
+        if query is not None:
+            query_id.setdefault(query, len(query_id))
+            qrels[(query_id[query], corpus_id[image])] = None
+    return {"corpus": corpus, "queries": list(query_id), "qrels": list(qrels)}
+
+
+def write_beir_mirror(ds, path: str | os.PathLike) -> Path:
+    """Write the BEIR mirror of a QA test set (`mirror_qa_rows`): `path/{corpus,queries,qrels}`, split `test`."""
+    from datasets import Dataset, DatasetDict, Features, Value
+    from datasets import Image as ImageFeature
+
+    raw = ds.cast_column("image", ImageFeature(decode=False))
+    mirror = mirror_qa_rows(ds["query"], [image_key(value) for value in raw["image"]])
+    corpus = Dataset.from_dict(
+        {"corpus-id": list(range(len(mirror["corpus"]))), "image": raw.select(mirror["corpus"])["image"]},
+        features=Features({"corpus-id": Value("int64"), "image": ImageFeature()}),
+    )
+    queries = Dataset.from_dict({"query-id": list(range(len(mirror["queries"]))), "query": mirror["queries"]})
+    qrels = Dataset.from_dict(
+        {
+            "query-id": [q for q, _ in mirror["qrels"]],
+            "corpus-id": [c for _, c in mirror["qrels"]],
+            "score": [1] * len(mirror["qrels"]),
+        }
+    )
+    path = Path(path)
+    for part, rows in (("corpus", corpus), ("queries", queries), ("qrels", qrels)):
+        DatasetDict(test=rows).save_to_disk(str(path / part))
+    return path
+
+
 def make_synthetic_docs(
     path: str | os.PathLike,
     n_train: int = 256,
@@ -212,9 +297,10 @@ def make_synthetic_docs(
 ) -> dict[str, Path]:
     """Render synthetic document pages and write them as Hugging Face datasets on disk.
 
-    Writes `colpali_train_set` (splits `train`, `test`; schema of `vidore/colpali_train_set`) and
+    Writes `colpali_train_set` (splits `train`, `test`; schema of `vidore/colpali_train_set`),
     one ViDoRe-v1 QA test set per entry of `SYNTHETIC_TASKS` (split `test`, `n_test` distinct
-    pages of which `distractor_share` have `query` None). Same seed, same pages.
+    pages of which `distractor_share` have `query` None) and its BEIR mirror (`SYNTHETIC_BEIR_TASKS`,
+    `write_beir_mirror`). Same seed, same pages.
 
     Args:
         path: Output directory (written atomically).
@@ -226,7 +312,7 @@ def make_synthetic_docs(
     Returns:
         Dataset name -> its directory (load with `load_split`).
     """
-    from datasets import DatasetDict
+    from datasets import DatasetDict, load_from_disk
 
     if n_train < 1 or n_test < 2:
         raise ValueError(f"need n_train >= 1 and n_test >= 2, got {n_train} and {n_test}")
@@ -238,9 +324,11 @@ def make_synthetic_docs(
         train.save_to_disk(str(tmp / TRAIN_SET_NAME))
         for name, kinds in SYNTHETIC_TASKS.items():
             DatasetDict(test=_test_task(kinds, n_test, rng, distractor_share)).save_to_disk(str(tmp / name))
+        for mirror, name in SYNTHETIC_BEIR_TASKS.items():
+            write_beir_mirror(load_from_disk(str(tmp / name))["test"], tmp / mirror)
 
     build_folder(path, write)
-    return {name: path / name for name in (TRAIN_SET_NAME, *SYNTHETIC_TASKS)}
+    return {name: path / name for name in (TRAIN_SET_NAME, *SYNTHETIC_TASKS, *SYNTHETIC_BEIR_TASKS)}
 
 
 def synthetic_docs(n_train: int = 256, n_test: int = 32, seed: int = 0) -> dict[str, Path]:
@@ -248,7 +336,7 @@ def synthetic_docs(n_train: int = 256, n_test: int = 32, seed: int = 0) -> dict[
     from filelock import FileLock
 
     path = cache_dir() / f"synthetic-v{SYNTHETIC_VERSION}-{n_train}-{n_test}-{seed}"
-    names = (TRAIN_SET_NAME, *SYNTHETIC_TASKS)
+    names = (TRAIN_SET_NAME, *SYNTHETIC_TASKS, *SYNTHETIC_BEIR_TASKS)
     if not all((path / name).exists() for name in names):
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
