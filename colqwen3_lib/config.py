@@ -48,6 +48,7 @@ _AT_LEAST = {
     "per_device_train_batch_size": 1,
     "per_device_eval_batch_size": 1,
     "gradient_accumulation_steps": 1,
+    "grad_cache_chunk_size": 1,
     "max_visual_tokens": 1,
     "lora_rank": 1,
     "lora_alpha": 1,
@@ -145,6 +146,8 @@ class TrainConfig:
     per_device_train_batch_size: int = BATCH_SIZE
     per_device_eval_batch_size: int | None = EVAL_BATCH_SIZE  # None: the training batch size
     gradient_accumulation_steps: int = 1
+    # Gradient cache (grad_cache.py): embed in chunks of this many rows, keep every in-batch negative; None: off.
+    grad_cache_chunk_size: int | None = None
     num_train_epochs: float = NUM_TRAIN_EPOCHS
     max_steps: int = -1  # > 0 overrides num_train_epochs
     warmup_steps: int = WARMUP_STEPS
@@ -229,6 +232,7 @@ class TrainConfig:
             batch_size=self.per_device_train_batch_size,
             max_visual_tokens=self.max_visual_tokens,
             gradient_checkpointing=self.gradient_checkpointing,
+            grad_cache_chunk_size=self.grad_cache_chunk_size,
             attn_implementation=resolve_attn_implementation(self.attn_implementation, device),
             device=device,
         )

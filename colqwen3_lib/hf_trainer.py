@@ -1,5 +1,8 @@
 """The HF trainer: `ColQwen3Trainer`, a `transformers.Trainer` whose `compute_loss` embeds queries and pages.
 
+With `grad_cache_chunk_size` set, its `training_step` runs the gradient cache (`grad_cache.py`) instead of
+one forward and backward of the whole batch, with the Trainer's loss scaling for gradient accumulation.
+
 Logging, evaluation, checkpointing and resuming come from the Trainer; `train_hf` sets its arguments
 from a `TrainConfig` and returns the same metrics as the torch loop.
 """
@@ -15,6 +18,7 @@ from .checkpoints import CHECKPOINT_PREFIX, checkpoint_step
 from .config import LogHook, StepHook, TrainConfig, eval_batch_size, run_metrics
 from .data import ContrastiveCollator, PairDataset
 from .fingerprint import write_adapter_files
+from .grad_cache import chunked_loss, grad_cache_step, sync_control
 from .lora import optimizer_groups
 from .losses import ColbertContrastiveLoss, NonFiniteLossError, contrastive_loss
 from .processor import ColQwen3Processor
@@ -45,14 +49,52 @@ def _hf_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = contrastive_loss(model, inputs, self.loss_fn)
+            self._check_finite(loss, model)
+            return (loss, None) if return_outputs else loss
+
+        def _check_finite(self, loss, model):
             if model.training and not torch.isfinite(loss):
                 raise NonFiniteLossError(self.state.global_step + 1, loss.item())
-            return (loss, None) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """The Trainer's step, or with `grad_cache_chunk_size` the gradient cache's (`grad_cache.grad_cache_step`).
+
+            As in the Trainer's own step: the loss is divided by the accumulation steps of this window
+            (our loss is a per-batch mean, `model_accepts_loss_kwargs` is off), every backward goes through
+            `accelerator.backward`, and the returned loss is that scaled loss, detached, for logging.
+            """
+            chunk = self.config.grad_cache_chunk_size
+            if not chunk:
+                return super().training_step(model, inputs, num_items_in_batch)
+            model.train()
+            if callable(getattr(self.optimizer, "train", None)):
+                self.optimizer.train()
+            inputs = self._prepare_inputs(inputs)
+            scale = 1 / self.current_gradient_accumulation_steps
+
+            def backward(surrogate: torch.Tensor) -> None:
+                self.accelerator.backward(surrogate * scale)
+
+            with self.compute_loss_context_manager():
+                loss = grad_cache_step(
+                    model,
+                    inputs,
+                    self.loss_fn,
+                    chunk,
+                    backward=backward,
+                    no_sync=sync_control(self.accelerator, model),
+                    check_loss=lambda loss: self._check_finite(loss, model),
+                )
+            return loss * scale
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             inputs = self._prepare_inputs(inputs)
+            chunk = self.config.grad_cache_chunk_size
             with torch.no_grad():
-                loss = contrastive_loss(model, inputs, self.loss_fn)
+                if chunk:
+                    loss = chunked_loss(model, inputs, self.loss_fn, chunk)
+                else:
+                    loss = contrastive_loss(model, inputs, self.loss_fn)
             return loss.detach(), None, None
 
     return ColQwen3Trainer

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from .checkpoints import load_torch_checkpoint, save_torch_checkpoint
 from .config import LogHook, StepHook, TrainConfig, eval_batch_size, run_metrics
 from .data import ContrastiveCollator, EpochShuffler, PairDataset
+from .grad_cache import chunked_loss, grad_cache_step, sync_control
 from .lora import optimizer_groups
 from .losses import NonFiniteLossError, contrastive_loss
 from .processor import ColQwen3Processor
@@ -81,6 +82,8 @@ def train_torch_loop(
         "linear", optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
     )
     loss_fn = config.loss_function()
+    chunk = config.grad_cache_chunk_size
+    no_sync = sync_control(accelerator, model) if chunk else None
 
     step, history = 0, {"train": [], "eval": []}
     if resume is not None:
@@ -97,8 +100,11 @@ def train_torch_loop(
         step_losses = []
         for batch in batches:
             with accelerator.accumulate(model):
-                loss = contrastive_loss(model, batch, loss_fn)
-                accelerator.backward(loss)
+                if chunk:  # every page of the batch a negative, at the memory of a chunk (grad_cache.py)
+                    loss = grad_cache_step(model, batch, loss_fn, chunk, accelerator.backward, no_sync)
+                else:
+                    loss = contrastive_loss(model, batch, loss_fn)
+                    accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
@@ -119,7 +125,7 @@ def train_torch_loop(
                     on_log(history["train"][-1])
             if eval_loader is not None and (step % config.eval_steps == 0 or step == total_steps):
                 history["eval"].append(
-                    {"step": step, "eval_loss": _evaluate(model, eval_loader, loss_fn, accelerator)}
+                    {"step": step, "eval_loss": _evaluate(model, eval_loader, loss_fn, accelerator, chunk)}
                 )
                 logger.info(f"step {step}  eval loss {history['eval'][-1]['eval_loss']:.4f}")
                 if on_log:
@@ -139,9 +145,16 @@ def train_torch_loop(
     return run_metrics(history["train"], history["eval"], step, step - first_step, seconds)
 
 
-def _evaluate(model, loader, loss_fn, accelerator) -> float:
+def _evaluate(model, loader, loss_fn, accelerator, chunk: int | None = None) -> float:
     model.eval()
     with torch.no_grad():
-        losses = torch.stack([contrastive_loss(model, batch, loss_fn) for batch in loader])
+        losses = torch.stack(
+            [
+                chunked_loss(model, batch, loss_fn, chunk)
+                if chunk
+                else contrastive_loss(model, batch, loss_fn)
+                for batch in loader
+            ]
+        )
     model.train()
     return accelerator.reduce(losses.mean(), "mean").item()

@@ -190,14 +190,24 @@ def sub_batch(inputs: dict, prefix: str) -> dict:
     return {key[len(prefix) :]: value for key, value in inputs.items() if key.startswith(prefix)}
 
 
-def contrastive_loss(model: nn.Module, inputs: dict, loss_fn: ColbertContrastiveLoss) -> torch.Tensor:
-    """Embed a collated batch and score every query against every page of every process.
+def loss_over_processes(
+    loss_fn: ColbertContrastiveLoss,
+    queries: torch.Tensor,
+    pages: torch.Tensor,
+    hard_negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The loss of this process's queries against the pages of every process.
 
     Pages are gathered across processes with gradients, so each query has world_size * batch - 1
     in-batch negatives; its own page sits at offset rank * batch.
     """
+    all_pages, offset = gather_with_grad(pages)  # (world * batch, max_p_tokens, dim)
+    return loss_fn(queries, all_pages, offset, hard_negatives)
+
+
+def contrastive_loss(model: nn.Module, inputs: dict, loss_fn: ColbertContrastiveLoss) -> torch.Tensor:
+    """Embed a collated batch and score every query against every page of every process (`loss_over_processes`)."""
     queries = model(**sub_batch(inputs, "query_"))  # (batch, q_tokens, dim)
     pages = model(**sub_batch(inputs, "doc_"))  # (batch, p_tokens, dim)
-    all_pages, offset = gather_with_grad(pages)  # (world * batch, max_p_tokens, dim)
     hard_negatives = model(**sub_batch(inputs, "neg_doc_")) if "neg_doc_input_ids" in inputs else None
-    return loss_fn(queries, all_pages, offset, hard_negatives)
+    return loss_over_processes(loss_fn, queries, pages, hard_negatives)

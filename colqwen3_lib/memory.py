@@ -76,6 +76,7 @@ class TrainingSetup:
         max_visual_tokens: Visual tokens per page (pages are assumed to reach the cap).
         query_len: Query tokens before the 10 augmentation tokens (any `query_prefix` included).
         gradient_checkpointing: Recompute each layer in backward instead of storing its activations.
+        grad_cache_chunk_size: With the gradient cache (`grad_cache.py`), rows per forward pass; None: off.
         attn_implementation: `flash_attention_2`, `sdpa` or `eager`.
         device: `cuda` or `cpu` (dropout masks are bytes on CUDA, floats on CPU; AdamW's foreach
             temporaries only on CUDA).
@@ -92,6 +93,7 @@ class TrainingSetup:
     max_visual_tokens: int = MAX_VISUAL_TOKENS
     query_len: int = 20
     gradient_checkpointing: bool = True
+    grad_cache_chunk_size: int | None = None
     attn_implementation: str = "flash_attention_2"
     device: str = "cuda"
     embedding_dim: int = EMBEDDING_DIM
@@ -112,6 +114,10 @@ class TrainingSetup:
         for name in ("batch_size", "max_visual_tokens", "query_len", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size < 1:
+            raise ValueError(
+                f"grad_cache_chunk_size must be at least 1 (or None: off), got {self.grad_cache_chunk_size}"
+            )
 
 
 @dataclass(frozen=True)

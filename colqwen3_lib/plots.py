@@ -39,10 +39,10 @@ def plot_token_grid(page: Image.Image, processor, max_num_visual_tokens: int | N
     fig, ax = _axes(ax, figsize=(5, 5 * size[1] / size[0]))
     ax.imshow(page.convert("RGB").resize(size), extent=(0, size[0], size[1], 0))
     block = processor.block_size
-    for x in range(0, size[0] + 1, block):
-        ax.axvline(x, color="black", lw=0.4, alpha=0.5)
+    for x in range(0, size[0] + 1, block):  # magenta: no page draws its own lines in it
+        ax.axvline(x, color="#d0179b", lw=0.8, alpha=0.8)
     for y in range(0, size[1] + 1, block):
-        ax.axhline(y, color="black", lw=0.4, alpha=0.5)
+        ax.axhline(y, color="#d0179b", lw=0.8, alpha=0.8)
     cap = processor.max_num_visual_tokens if max_num_visual_tokens is None else max_num_visual_tokens
     ax.set_title(
         f"{page.size[0]}x{page.size[1]} px page -> {size[0]}x{size[1]} px\n"

@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"steps whose gradients are summed before an update (negatives stay per step) {_default('gradient_accumulation_steps')}",
     )
+    add(
+        "--grad-cache-chunk-size",
+        type=int,
+        help="gradient cache: embed queries and pages N at a time without keeping activations, compute the loss over "
+        "the whole batch (every page a negative), then re-run each chunk to back-propagate it. The same gradient as "
+        "the whole batch at once, at the memory of N rows, for about one more forward pass; unset: off "
+        "(try 8-16 for a 64-page batch that does not fit)",
+    )
     add("--num-train-epochs", type=float, help=f"passes over the training set {_default('num_train_epochs')}")
     add(
         "--max-steps",
