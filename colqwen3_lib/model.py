@@ -464,6 +464,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     seed: int = 0,
+    warn_new_head: bool = True,
 ):
     """Load a ColQwen3 (and optionally a LoRA adapter, merged) with its processor, ready to evaluate.
 
@@ -476,6 +477,8 @@ def load_model(
         dtype: Default: bf16 on a GPU that supports it, else float32.
         attn_implementation: See `ColQwen3.from_pretrained`.
         seed: Seeds a head that the checkpoint lacks, so that an untrained model evaluates reproducibly.
+        warn_new_head: Warn when the model ends up with a newly initialised head (off where an untrained
+            model is wanted, e.g. the "before" row of a comparison).
 
     Returns:
         (model in eval mode, processor with the query/page prompts of the checkpoint's format, or of
@@ -499,7 +502,7 @@ def load_model(
         dtype=dtype or default_dtype(device),
         attn_implementation=attn_implementation,
         device_map={"": device} if device.type == "cuda" else None,
-        warn_new_head=adapter is None,  # with an adapter, warned below only if it brings no head
+        warn_new_head=warn_new_head and adapter is None,  # with an adapter, warned below if it brings no head
     )
     new_head = any(k.startswith(HEAD) for k in model.loading_info["missing_keys"])
     processor_dir = resolve_model_path(model_path)
