@@ -2,7 +2,7 @@
 
     python -m colqwen3_lib.evaluate --model-path tiny --datasets synthetic --output-dir runs/eval
     python -m colqwen3_lib.evaluate --model-path Qwen/Qwen3-VL-2B-Instruct --adapter runs/colqwen3 \\
-        --datasets vidore-v1 --output-dir runs/eval-vidore
+        --datasets vidore-v1 vidore-v2 vidore-v3 --output-dir runs/eval-vidore [--protocol vidore-benchmark]
     python -m colqwen3_lib.evaluate --compare runs/eval-before runs/eval-after [--output-dir runs/compare]
 """
 
@@ -16,10 +16,12 @@ from pathlib import Path
 
 from . import evaluation as ev
 from . import results as rs
+from .benchmarks import VIDORE_V1, VIDORE_V2, VIDORE_V3
+from .metrics import PROTOCOL, PROTOCOLS
 from .model import ATTENTION_IMPLEMENTATIONS, load_model
 from .reference import MAX_VISUAL_TOKENS
 from .synthetic import SYNTHETIC
-from .tasks import SPLIT, VIDORE_V1
+from .tasks import SPLIT
 
 
 def positive_int(text: str) -> int:
@@ -36,7 +38,8 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m colqwen3_lib.evaluate",
-        description="NDCG@k on ViDoRe (QA and BEIR formats), as vidore-benchmark computes it.",
+        description="NDCG@k on ViDoRe (QA, BEIR and mteb's per-language layouts), as mteb computes it for the "
+        "public leaderboard (--protocol mteb, the default) or as vidore-benchmark does.",
     )
     parser.add_argument("--model-path", help="hub id, local checkpoint, or `tiny` for the offline checkpoint")
     parser.add_argument("--adapter", help="directory of a LoRA adapter saved by PeftModel.save_pretrained")
@@ -44,8 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--datasets",
         nargs="+",
         default=[SYNTHETIC],
-        help=f"ViDoRe hub ids, local dataset paths, `{SYNTHETIC}` (default: the offline test sets) or "
-        f"`{VIDORE_V1}` (the ten ViDoRe v1 tasks); space- or comma-separated",
+        help=f"ViDoRe hub ids (owner/name or owner/name@revision), local dataset paths, `{SYNTHETIC}` (default: "
+        f"the offline test sets), `{VIDORE_V1}`, `{VIDORE_V2}` or `{VIDORE_V3}` (each benchmark's public tasks at "
+        "the revisions mteb pins); space- or comma-separated",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=PROTOCOL,
+        help="how datasets are read and scored: `mteb` (default; the public leaderboard's: k up to 1000, "
+        "QA sets as their BEIR mirrors, language subsets averaged) or `vidore-benchmark`",
     )
     parser.add_argument("--output-dir", help="where the result files go (required to evaluate)")
     parser.add_argument("--split", default=SPLIT)
@@ -102,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_path": args.model_path,
             "adapter": args.adapter,
             "datasets": args.datasets,
+            "protocol": args.protocol,
             "split": args.split,
             "max_visual_tokens": processor.max_num_visual_tokens,
             "batch_size": args.batch_size,
@@ -123,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             score_batch_size=args.score_batch_size,
             show_progress=not args.no_progress,
             on_task_done=lambda name, result: rs.write_task_result(name, result, args.output_dir, metadata),
+            protocol=args.protocol,
         )
         metadata["seconds"] = round(time.perf_counter() - start, 2)
         path = rs.write_results(results, args.output_dir, metadata)
@@ -130,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(rs.markdown_table(rs.summary_rows(results)))
+    benchmarks = rs.benchmark_rows(results)
+    if benchmarks:
+        print("\n" + rs.markdown_table(benchmarks))
     print(f"\nwrote {path}, one JSON per task and summary.csv/.md in {args.output_dir}")
     return 0
 

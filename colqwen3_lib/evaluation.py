@@ -1,9 +1,12 @@
 """ViDoRe evaluation: embed a task's pages and queries, score them by MaxSim, measure the ranking.
 
-`evaluate_model(model, processor, datasets)` returns the metrics per task (`metrics.py`, computed as
-vidore-benchmark computes them) for tasks loaded by `tasks.py`; `top_pages` shows what the retriever
-returns for one query. Loading a model and an adapter is `model.load_model`; result files and tables
-are in `results.py`; the command line is `python -m colqwen3_lib.evaluate`.
+`evaluate_model(model, processor, datasets, protocol=...)` returns the metrics per task for tasks loaded
+by `tasks.py`, under one of two protocols (`metrics.py`): `mteb`, what the public leaderboard runs (each
+query's top 1000 pages, queries without judgements dropped, a task's language subsets measured apart and
+averaged), or `vidore-benchmark`. `top_pages` shows what the retriever returns for one query. Loading a
+model and an adapter is `model.load_model`; result files and tables are in `results.py`; the command
+line is `python -m colqwen3_lib.evaluate`; mteb's own `evaluate` runs a kit model through
+`mteb_wrapper.py`.
 """
 
 from __future__ import annotations
@@ -16,8 +19,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .benchmarks import benchmark_of
 from .data import decode_image
-from .metrics import HEADLINE, retrieval_metrics
+from .metrics import (
+    HEADLINE,
+    MAIN_SCORE,
+    MTEB,
+    MTEB_TOP_K,
+    PROTOCOL,
+    check_protocol,
+    mteb_metrics,
+    retrieval_metrics,
+)
 from .model import embed_batch
 from .scoring import score_multi_vector
 from .synthetic import SYNTHETIC
@@ -95,8 +108,9 @@ def embed_queries(
     return embeddings
 
 
-def build_run(task: RetrievalTask, scores: torch.Tensor) -> dict[str, dict[str, float]]:
-    """(n_query_texts, n_images) scores -> {query id: {document id: score}}, max over repeated ids."""
+def _per_document(task: RetrievalTask, scores: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """(n_query_texts, n_images) scores -> the document ids (sorted) and each text's score for each: the max
+    over the document's images, (n_query_texts, n_docs)."""
     doc_ids = sorted({doc for _, doc in task.image_docs})
     doc_index = {doc: i for i, doc in enumerate(doc_ids)}
     images = torch.tensor([image for image, _ in task.image_docs])
@@ -105,12 +119,42 @@ def build_run(task: RetrievalTask, scores: torch.Tensor) -> dict[str, dict[str, 
     per_doc = torch.full((scores.shape[0], len(doc_ids)), -math.inf).scatter_reduce(
         1, docs.expand_as(per_pair), per_pair, reduce="amax"
     )  # (n_query_texts, n_docs)
+    return doc_ids, per_doc
+
+
+def build_run(task: RetrievalTask, scores: torch.Tensor) -> dict[str, dict[str, float]]:
+    """(n_query_texts, n_images) scores -> {query id: {document id: score}}, max over repeated ids."""
+    doc_ids, per_doc = _per_document(task, scores)
     run: dict[str, dict[str, float]] = {}
     for qid, row in zip(task.query_ids, per_doc.tolist()):
         current = run.setdefault(qid, {})
         for doc, score in zip(doc_ids, row):
             current[doc] = max(score, current.get(doc, -math.inf))
     return run
+
+
+def top_k_run(
+    task: RetrievalTask, scores: torch.Tensor, query_ids: list[str], top_k: int = MTEB_TOP_K
+) -> dict[str, dict[str, float]]:
+    """Each query's `top_k` documents and their scores, as mteb's search returns them.
+
+    Args:
+        scores: (n_query_texts, n_images) scores of the texts whose ids are `query_ids` (max over repeats).
+        top_k: Documents kept per query, in trec_eval order (score, then document id, descending).
+    """
+    doc_ids, per_doc = _per_document(task, scores)
+    index = {qid: i for i, qid in enumerate(dict.fromkeys(query_ids))}  # in order of first text, as mteb's
+    ids, rows = list(index), torch.tensor([index[qid] for qid in query_ids])
+    per_query = torch.full((len(ids), len(doc_ids)), -math.inf).scatter_reduce(
+        0, rows[:, None].expand_as(per_doc), per_doc, reduce="amax"
+    )  # (n_query_ids, n_docs)
+    descending_ids = doc_ids[::-1]
+    values, order = per_query.flip(1).sort(dim=1, descending=True, stable=True)  # ties: larger id first
+    values, order = values[:, :top_k].tolist(), order[:, :top_k].tolist()
+    return {
+        qid: {descending_ids[i]: score for i, score in zip(columns, row)}
+        for qid, columns, row in zip(ids, order, values)
+    }
 
 
 def top_pages(
@@ -152,6 +196,28 @@ def top_pages(
     ]
 
 
+def _mteb_measure(task: RetrievalTask, query_ids: list[str], scores: torch.Tensor) -> tuple[dict, dict]:
+    """mteb's metrics of a task: each language subset measured on its own, the task's the mean over them.
+
+    Returns:
+        (task metrics, {subset: {"n_queries", "metrics"}}; the latter empty for a task without subsets).
+    """
+    subsets = task.subsets or {"default": list(dict.fromkeys(query_ids))}
+    measured = {}
+    for subset, ids in subsets.items():
+        keep = set(ids)
+        rows = [i for i, qid in enumerate(query_ids) if qid in keep]
+        if not rows:
+            continue  # a subset without judged queries
+        run = top_k_run(task, scores[rows], [query_ids[i] for i in rows])
+        measured[subset] = {"n_queries": len(run), "metrics": mteb_metrics(task.qrels, run)}
+    if not measured:
+        raise ValueError(f"{task.name}: none of its queries has relevance judgements; check its qrels")
+    names = next(iter(measured.values()))["metrics"]
+    metrics = {m: sum(r["metrics"][m] for r in measured.values()) / len(measured) for m in names}
+    return metrics, measured if task.subsets else {}
+
+
 def evaluate_task(
     model,
     processor,
@@ -160,39 +226,63 @@ def evaluate_task(
     query_batch_size: int = QUERY_BATCH_SIZE,
     score_batch_size: int = SCORE_BATCH_SIZE,
     show_progress: bool = True,
+    protocol: str = PROTOCOL,
 ) -> dict:
-    """Embed, score and measure one loaded task.
+    """Embed, score and measure one loaded task under `protocol` (`mteb` or `vidore-benchmark`).
+
+    Under `mteb`, queries without relevance judgements are not embedded (mteb drops them first).
 
     Returns:
-        {"format", "n_queries", "n_pages", "metrics": {"ndcg_at_5": ...}, "seconds": {...}}.
+        {"protocol", "format", "n_queries", "n_pages", "n_images", "metrics": {"ndcg_at_5": ...},
+        "seconds": {...}}; under `mteb` also "subsets": {subset: {"n_queries", "metrics"}} for a task
+        with language subsets (its metrics are their mean).
     """
     from tqdm.auto import tqdm
 
+    check_protocol(protocol)
+    texts, query_ids = task.queries, task.query_ids
+    if protocol == MTEB:
+        judged = [i for i, qid in enumerate(query_ids) if task.qrels.get(qid)]
+        if not judged:
+            raise ValueError(f"{task.name}: none of its queries has relevance judgements; check its qrels")
+        texts, query_ids = [texts[i] for i in judged], [query_ids[i] for i in judged]
     seconds = {}
     with tqdm(
-        total=len(task.images) + len(task.queries), desc=task.name, unit="item", disable=not show_progress
+        total=len(task.images) + len(texts), desc=task.name, unit="item", disable=not show_progress
     ) as bar:
         start = time.perf_counter()
         pages = embed_pages(model, processor, task, batch_size, bar)
         seconds["pages"] = time.perf_counter() - start
         start = time.perf_counter()
-        queries = embed_queries(model, processor, task.queries, query_batch_size, bar)
+        queries = embed_queries(model, processor, texts, query_batch_size, bar)
         seconds["queries"] = time.perf_counter() - start
     start = time.perf_counter()
     scores = score_multi_vector(queries, pages, batch_size=score_batch_size, device=_model_device(model))
-    run = build_run(task, scores)
-    seconds["scoring"] = time.perf_counter() - start
-    start = time.perf_counter()
-    metrics = retrieval_metrics(task.qrels, run)
+    subsets = {}
+    if protocol == MTEB:
+        seconds["scoring"] = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics, subsets = _mteb_measure(task, query_ids, scores)
+        n_queries = sum(r["n_queries"] for r in subsets.values()) if subsets else len(set(query_ids))
+    else:
+        run = build_run(task, scores)
+        seconds["scoring"] = time.perf_counter() - start
+        start = time.perf_counter()
+        metrics = retrieval_metrics(task.qrels, run)
+        n_queries = len(set(query_ids))
     seconds["metrics"] = time.perf_counter() - start
-    return {
+    result = {
+        "protocol": protocol,
         "format": task.format,
-        "n_queries": len(set(task.query_ids)),
+        "n_queries": n_queries,
         "n_pages": task.n_documents,
         "n_images": len(task.images),
         "metrics": metrics,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
+    if subsets:
+        result["subsets"] = subsets
+    return result
 
 
 def evaluate_model(
@@ -205,42 +295,64 @@ def evaluate_model(
     score_batch_size: int = SCORE_BATCH_SIZE,
     show_progress: bool = True,
     on_task_done: Callable[[str, dict], None] | None = None,
+    protocol: str = PROTOCOL,
 ) -> dict[str, dict]:
     """Evaluate a ColQwen3 model (or a PeftModel around one) on ViDoRe-style datasets.
 
     Args:
         model: The model, in eval mode, on its device.
         processor: Its `ColQwen3Processor`.
-        datasets: ViDoRe hub ids (e.g. `vidore/docvqa_test_subsampled`), local dataset paths (QA or
-            BEIR format), `synthetic` (all synthetic test tasks) or `vidore-v1` (the ten v1 tasks).
+        datasets: ViDoRe hub ids (`vidore/docvqa_test_subsampled`, `owner/name@revision`), local dataset
+            paths (QA, BEIR or mteb's per-language layout), or the aliases `synthetic`, `vidore-v1`,
+            `vidore-v2` and `vidore-v3` (what they name depends on `protocol`: `benchmarks.py`).
         split: Split to evaluate (`test` for ViDoRe).
         batch_size: Pages per forward pass.
         query_batch_size: Queries per forward pass.
         score_batch_size: Queries per MaxSim block.
         show_progress: Show a progress bar per task.
         on_task_done: Called with (task name, result) as each task completes, e.g. to write it at once.
+        protocol: `mteb` (default; what the public leaderboard runs) or `vidore-benchmark`.
 
     Returns:
-        Task name -> {"format", "n_queries", "n_pages", "n_images", "metrics": {"ndcg_at_5": ...},
-        "seconds": {"load", "pages", "queries", "scoring", "metrics"}}.
+        Task name -> {"protocol", "benchmark" (its alias, or None), "main_score" (the metric its benchmark
+        ranks by), "revision", "format", "n_queries", "n_pages", "n_images", "metrics": {"ndcg_at_5": ...},
+        "seconds": {"load", "pages", "queries", "scoring", "metrics"}} (and "subsets" under `mteb`, for
+        tasks mteb splits by language).
 
     Raises:
-        ValueError: a dataset cannot be loaded or lacks what evaluation needs (the message names it).
+        ValueError: an unknown protocol, or a dataset that cannot be loaded or lacks what evaluation needs
+            (the message names it).
     """
+    check_protocol(protocol)
     was_training = model.training
     model.eval()
     results: dict[str, dict] = {}
     try:
-        for name in expand_datasets(datasets):
+        for name in expand_datasets(datasets, protocol):
             start = time.perf_counter()
-            task = load_task(name, split)
+            task = load_task(name, split, protocol)
             load_seconds = time.perf_counter() - start
             key, n = task.name, 2
             while key in results:
                 key, n = f"{task.name}-{n}", n + 1
             result = evaluate_task(
-                model, processor, task, batch_size, query_batch_size, score_batch_size, show_progress
+                model,
+                processor,
+                task,
+                batch_size,
+                query_batch_size,
+                score_batch_size,
+                show_progress,
+                protocol,
             )
+            bench = benchmark_of(task.name, protocol, task.revision)
+            result = {
+                "protocol": protocol,
+                "benchmark": bench.alias if bench else None,
+                "main_score": bench.main_score if bench else MAIN_SCORE,
+                "revision": task.revision,
+                **result,
+            }
             result["seconds"] = {"load": round(load_seconds, 3), **result["seconds"]}
             results[key] = result
             if on_task_done is not None:

@@ -1,4 +1,5 @@
-"""Evaluation results on disk and as tables: per-task JSON, `results.json`, summary and comparison tables."""
+"""Evaluation results on disk and as tables: per-task JSON, `results.json`, summary, benchmark and comparison
+tables."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .benchmarks import BENCHMARKS
 from .metrics import HEADLINE, SUMMARY_METRICS
 
 RESULTS_FILE = "results.json"
@@ -51,7 +53,9 @@ def write_task_result(name: str, result: dict, output_dir: str | os.PathLike, me
 def write_results(
     results: dict[str, dict], output_dir: str | os.PathLike, metadata: dict | None = None
 ) -> Path:
-    """Write one JSON per task (`<task>.json`), `results.json` (all tasks) and the summary table.
+    """Write one JSON per task (`<task>.json`), `results.json` (all tasks, their benchmarks' scores) and the
+    summary tables (`summary.csv`: one row per task and their average; `summary.md`: that and, below it,
+    each benchmark's main score).
 
     Returns:
         The path of `results.json`.
@@ -59,12 +63,21 @@ def write_results(
     output_dir = Path(output_dir)
     metadata = dict(metadata or {})
     metadata.setdefault("timestamp", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    protocols = sorted({r["protocol"] for r in results.values() if "protocol" in r})
+    if len(protocols) == 1:
+        metadata.setdefault("protocol", protocols[0])
     for name, result in results.items():
         write_task_result(name, result, output_dir, metadata)
     path = output_dir / RESULTS_FILE
-    path.write_text(json.dumps({"metadata": metadata, "results": results}, indent=2) + "\n")
-    rows = summary_rows(results)
-    _write_table(rows, output_dir / SUMMARY_STEM)
+    benchmarks = benchmark_rows(results)
+    path.write_text(
+        json.dumps({"metadata": metadata, "results": results, "benchmarks": benchmarks}, indent=2) + "\n"
+    )
+    _write_table(summary_rows(results), output_dir / SUMMARY_STEM)
+    if benchmarks:
+        with open(output_dir / f"{SUMMARY_STEM}.md", "a") as f:
+            f.write("\nBenchmarks: the mean over their tasks of their main score, x 100.\n\n")
+            f.write(markdown_table(benchmarks) + "\n")
     return path
 
 
@@ -91,6 +104,34 @@ def summary_rows(results: dict[str, dict], metrics: Sequence[str] = SUMMARY_METR
     return rows
 
 
+def benchmark_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per benchmark (and protocol) whose tasks `results` holds: its main score averaged over them.
+
+    Rows: benchmark (its name), protocol, main_score (the metric), score, tasks ("evaluated/public", and
+    the private tasks it leaves out). A benchmark missing tasks is not the leaderboard's number: see `tasks`.
+    """
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for result in results.values():
+        if result.get("benchmark") and result.get("protocol") in BENCHMARKS:
+            groups.setdefault((result["protocol"], result["benchmark"]), []).append(result)
+    rows = []
+    for (protocol, alias), members in groups.items():
+        bench = BENCHMARKS[protocol][alias]
+        tasks = f"{len(members)}/{len(bench.tasks)}" + (
+            f" (+{len(bench.private)} private)" if bench.private else ""
+        )
+        rows.append(
+            {
+                "benchmark": bench.name,
+                "protocol": protocol,
+                "main_score": bench.main_score,
+                "score": sum(r["metrics"][bench.main_score] for r in members) / len(members),
+                "tasks": tasks,
+            }
+        )
+    return rows
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Rows as a Markdown table; metric values (floats) shown x100 with two decimals."""
     if not rows:
@@ -98,7 +139,7 @@ def markdown_table(rows: list[dict]) -> str:
     columns = list(rows[0])
     lines = [
         "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" if c == "task" else "---:" for c in columns) + "|",
+        "|" + "|".join("---:" if isinstance(rows[0][c], int | float) else "---" for c in columns) + "|",
     ]
     for row in rows:
         cells = [

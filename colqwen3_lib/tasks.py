@@ -1,51 +1,56 @@
-"""Evaluation tasks: ViDoRe datasets (hub ids, local copies, the synthetic sets) reduced to queries, pages and qrels.
+"""Evaluation tasks: ViDoRe datasets (hub ids, local copies, the synthetic sets) reduced to queries, pages and
+qrels; dataset names and the aliases of `benchmarks.py`.
 
-Two dataset formats, as ViDoRe publishes them:
+Three dataset layouts, as ViDoRe and mteb publish them:
 
-- QA (ViDoRe v1): one row per page with `query` (None on distractor pages), `image` and
-  `image_filename`. The corpus is the set of distinct pages by `image_filename`; queries are
-  de-duplicated; a query's relevant page (relevance 1) is the `image_filename` of its row (of its
-  last row when it occurs more than once, as the reference evaluator builds its qrels); a page that
-  appears on several rows scores the max over its rows.
-- BEIR (ViDoRe v2/v3): configs `corpus` (`corpus-id`, `image`), `queries` (`query-id`, `query`)
-  and `qrels` (`query-id`, `corpus-id`, `score`: graded relevance).
+- QA (ViDoRe v1): one row per page with `query` (None on distractor pages), `image` and `image_filename`.
+- BEIR (ViDoRe v2, mteb's mirrors of v1): configs (or local folders) `corpus` (`corpus-id`, `image`),
+  `queries` (`query-id`, `query`) and `qrels` (`query-id`, `corpus-id`, `score`: graded relevance).
+- mteb's per-language layout (ViDoRe v3): configs `<language>-corpus` (`id`, `image`),
+  `<language>-queries` (`id`, `text`) and `<language>-qrels`, one set per language.
+
+How a dataset is read depends on the evaluation protocol (`metrics.PROTOCOLS`):
+
+- `vidore-benchmark`: a QA set as vidore-benchmark reads it. The corpus is the set of distinct pages by
+  `image_filename`; queries are de-duplicated; a query's relevant page (relevance 1) is the
+  `image_filename` of its row (of its last row when it occurs more than once); a page that appears on
+  several rows scores the max over its rows. A BEIR or per-language dataset is one pool of queries.
+- `mteb`: a QA set as its BEIR mirror (`synthetic.mirror_qa_rows`): every distinct image is a document,
+  every row of a repeated query is relevant. mteb's language subsets (ViDoRe v2's multilingual tasks
+  split by the queries' `language`, ViDoRe v3's per-language configs) are kept apart in `subsets`.
 
 Identical images are embedded once, whatever their rows or ids.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
+from .benchmarks import ALIASES, BENCHMARKS, KNOWN_TASKS, VIDORE_V1_TASKS, split_revision
 from .data import load_split
-from .synthetic import SYNTHETIC, SYNTHETIC_TASKS
-
-# The ViDoRe v1 benchmark (QA format, split `test`), as vidore-benchmark names it.
-VIDORE_V1_TASKS = (
-    "vidore/arxivqa_test_subsampled",
-    "vidore/docvqa_test_subsampled",
-    "vidore/infovqa_test_subsampled",
-    "vidore/tabfquad_test_subsampled",
-    "vidore/tatdqa_test",
-    "vidore/shiftproject_test",
-    "vidore/syntheticDocQA_artificial_intelligence_test",
-    "vidore/syntheticDocQA_energy_test",
-    "vidore/syntheticDocQA_government_reports_test",
-    "vidore/syntheticDocQA_healthcare_industry_test",
+from .metrics import MTEB, PROTOCOL, check_protocol
+from .synthetic import (
+    SYNTHETIC_BEIR_TASKS,
+    SYNTHETIC_TASKS,
+    image_key,
+    mirror_qa_rows,
+    synthetic_docs,
 )
-VIDORE_V1 = "vidore-v1"  # names all ten tasks above
+
 QA, BEIR = "qa", "beir"
 QA_COLUMNS = ("query", "image", "image_filename")
 BEIR_COLUMNS = {
     "corpus": ("corpus-id", "image"),
     "queries": ("query-id", "query"),
     "qrels": ("query-id", "corpus-id", "score"),
+}
+# mteb's per-language layout names ids `id` (or `_id`) and query text `text`.
+MTEB_COLUMNS = {
+    "corpus": {"id": "corpus-id", "_id": "corpus-id"},
+    "queries": {"id": "query-id", "_id": "query-id", "text": "query"},
 }
 SPLIT = "test"
 READ_ROWS = 256  # dataset rows read (undecoded) at a time
@@ -58,7 +63,8 @@ class RetrievalTask:
     `pages` holds the page images undecoded; `images` lists the row of each distinct image in it;
     `image_docs` pairs each image index with a document id (an image may stand for several
     documents, a document may have several images: its score is the max). `query_ids[i]` is the id
-    of query text `queries[i]` (an id may have several texts: its score is the max).
+    of query text `queries[i]` (an id may have several texts: its score is the max). `subsets` maps
+    each of mteb's language subsets to its query ids (empty: one subset, all queries).
     """
 
     name: str
@@ -69,6 +75,8 @@ class RetrievalTask:
     pages: object  # datasets.Dataset with a single `image` column, not decoded
     images: list[int]
     image_docs: list[tuple[int, str]]
+    subsets: dict[str, list[str]] = field(default_factory=dict)
+    revision: str | None = None
 
     @property
     def n_documents(self) -> int:
@@ -97,25 +105,6 @@ def _raw_images(ds):
     return ds
 
 
-def _image_key(value) -> str:
-    """A content key for one stored image: a digest of its bytes (or of its path when only that is stored)."""
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        if data is None:
-            path = value.get("path")
-            if path is None:
-                raise ValueError("an image holds neither bytes nor a path")
-            data = Path(path).read_bytes() if os.path.exists(path) else str(path).encode()
-        return hashlib.blake2b(data, digest_size=16).hexdigest()
-    if isinstance(value, Image.Image):
-        return hashlib.blake2b(
-            value.tobytes() + repr((value.mode, value.size)).encode(), digest_size=16
-        ).hexdigest()
-    if isinstance(value, str | os.PathLike):
-        return hashlib.blake2b(Path(value).read_bytes(), digest_size=16).hexdigest()
-    raise ValueError(f"cannot read an image from a {type(value).__name__}; the image column must hold images")
-
-
 def _distinct_images(pages, what: str) -> tuple[list[int], list[int]]:
     """The row of each distinct image of `pages` (by content), and for each row the index of its image."""
     index_of: dict[str, int] = {}
@@ -125,7 +114,7 @@ def _distinct_images(pages, what: str) -> tuple[list[int], list[int]]:
         for offset, value in enumerate(pages[start : start + READ_ROWS]["image"]):
             if value is None:
                 raise ValueError(f"{what}: row {start + offset} has no image")
-            key = _image_key(value)
+            key = image_key(value)
             if key not in index_of:
                 index_of[key] = len(rows)
                 rows.append(start + offset)
@@ -133,41 +122,62 @@ def _distinct_images(pages, what: str) -> tuple[list[int], list[int]]:
     return rows, image_of_row
 
 
-def qa_task(ds, name: str) -> RetrievalTask:
-    """A ViDoRe v1 QA dataset (one row per page) -> a task with vidore-benchmark's semantics.
+def _qa_queries(ds, name: str) -> list[str | None]:
+    """Each row's query (None on a distractor page), checked."""
+    queries = ds["query"]
+    for row, query in enumerate(queries):
+        if query is not None and (not isinstance(query, str) or not query.strip()):
+            raise ValueError(f"dataset {name!r}: row {row} has query {query!r}; queries are text or None")
+    if all(query is None for query in queries):
+        raise ValueError(
+            f"dataset {name!r} has no queries: the query of every one of its {len(ds)} rows is None"
+        )
+    return queries
+
+
+def qa_task(ds, name: str, protocol: str = PROTOCOL) -> RetrievalTask:
+    """A ViDoRe v1 QA dataset (one row per page) -> a task, read as `protocol` reads it (see the module doc).
 
     Raises:
         ValueError: missing columns, no rows, or no row with a query.
     """
     _require_columns(ds, QA_COLUMNS, f"dataset {name!r}")
+    row_queries = _qa_queries(ds, name)
+    pages = _raw_images(ds)
+    rows, image_of_row = _distinct_images(pages, f"dataset {name!r}")
+    if check_protocol(protocol) == MTEB:
+        mirror = mirror_qa_rows(row_queries, image_of_row)  # corpus id i is image i: both in first-row order
+        query_ids = [str(i) for i in range(len(mirror["queries"]))]
+        qrels: dict[str, dict[str, int]] = {}
+        for query, corpus in mirror["qrels"]:
+            qrels.setdefault(str(query), {})[str(corpus)] = 1
+        image_docs = [(image, str(image)) for image in range(len(rows))]
+        return RetrievalTask(name, QA, mirror["queries"], query_ids, qrels, pages, rows, image_docs)
     filenames = [str(f) for f in ds["image_filename"]]
     queries: list[str] = []
     relevant: dict[str, str] = {}
-    for row, query in enumerate(ds["query"]):
+    for row, query in enumerate(row_queries):
         if query is None:
             continue  # a distractor page
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError(f"dataset {name!r}: row {row} has query {query!r}; queries are text or None")
         if query not in relevant:
             queries.append(query)
         relevant[query] = filenames[row]  # the last row of a repeated query wins, as in the reference
-    if not queries:
-        raise ValueError(
-            f"dataset {name!r} has no queries: the query of every one of its {len(ds)} rows is None"
-        )
-    pages = _raw_images(ds)
-    rows, image_of_row = _distinct_images(pages, f"dataset {name!r}")
     image_docs = sorted({(image, filenames[row]) for row, image in enumerate(image_of_row)})
     query_ids = [str(i) for i in range(len(queries))]
     qrels = {qid: {relevant[query]: 1} for qid, query in zip(query_ids, queries)}
     return RetrievalTask(name, QA, queries, query_ids, qrels, pages, rows, image_docs)
 
 
-def beir_task(corpus, queries, qrels, name: str) -> RetrievalTask:
+def beir_task(
+    corpus, queries, qrels, name: str, subsets: dict[str, list[str]] | None = None
+) -> RetrievalTask:
     """A BEIR-format dataset (corpus, queries, qrels; graded relevance) -> a task.
 
     Ids are compared as strings. A document id on several corpus rows scores the max over them; a
     query id on several query rows likewise.
+
+    Args:
+        subsets: mteb's language subsets: subset name -> its query ids.
 
     Raises:
         ValueError: missing columns, an empty part, or no query text.
@@ -188,47 +198,130 @@ def beir_task(corpus, queries, qrels, name: str) -> RetrievalTask:
     pages = _raw_images(corpus)
     rows, image_of_row = _distinct_images(pages, f"the corpus of dataset {name!r}")
     image_docs = sorted({(image, corpus_ids[row]) for row, image in enumerate(image_of_row)})
-    return RetrievalTask(name, BEIR, texts, query_ids, judgements, pages, rows, image_docs)
+    return RetrievalTask(name, BEIR, texts, query_ids, judgements, pages, rows, image_docs, subsets or {})
+
+
+def _by_language(queries, languages: Sequence[str], name: str) -> dict[str, list[str]]:
+    """mteb's ViDoRe v2 subsets: the query ids of each language, from the queries' `language` column."""
+    if "language" not in queries.column_names:
+        raise ValueError(
+            f"the queries of dataset {name!r} have no `language` column; mteb splits this task by language"
+        )
+    subsets: dict[str, list[str]] = {language: [] for language in languages}
+    for qid, language in zip(queries["query-id"], queries["language"]):
+        if language in subsets:
+            subsets[language].append(str(qid))
+    return subsets
+
+
+def _mteb_part(ds, part: str):
+    """A part of mteb's per-language layout with the BEIR column names."""
+    renames = {old: new for old, new in MTEB_COLUMNS.get(part, {}).items() if old in ds.column_names}
+    renames = {old: new for old, new in renames.items() if new not in ds.column_names}
+    return ds.rename_columns(renames) if renames else ds
+
+
+def per_language_task(load_part, languages: Sequence[str], name: str) -> RetrievalTask:
+    """mteb's per-language layout (`<language>-corpus`, `-queries`, `-qrels`) -> one task with a subset per language.
+
+    Query ids become `<language>/<id>` (a translated query keeps its id across languages); the languages
+    must share one corpus, as ViDoRe v3's do.
+
+    Args:
+        load_part: `load_part(config)` -> that config's `datasets.Dataset`.
+
+    Raises:
+        ValueError: a part is missing or malformed, or the languages' corpora differ.
+    """
+    from datasets import Dataset, concatenate_datasets
+
+    corpus, corpus_ids, queries, qrels, subsets = None, None, [], [], {}
+    for language in languages:
+        ids = _mteb_part(load_part(f"{language}-corpus"), "corpus")
+        _require_columns(ids, BEIR_COLUMNS["corpus"], f"the {language}-corpus of dataset {name!r}")
+        if corpus is None:
+            corpus, corpus_ids = ids, [str(c) for c in ids["corpus-id"]]
+        elif [str(c) for c in ids["corpus-id"]] != corpus_ids:
+            raise ValueError(
+                f"dataset {name!r}: the {language}-corpus differs from the {languages[0]}-corpus; the kit "
+                "evaluates the languages of a task over one shared corpus"
+            )
+        part = _mteb_part(load_part(f"{language}-queries"), "queries")
+        judged = load_part(f"{language}-qrels")
+        for ds, what in ((part, "queries"), (judged, "qrels")):
+            _require_columns(ds, BEIR_COLUMNS[what], f"the {language}-{what} of dataset {name!r}")
+        ids_here = [f"{language}/{qid}" for qid in part["query-id"]]
+        queries.append(Dataset.from_dict({"query-id": ids_here, "query": part["query"]}))
+        qrels.append(
+            Dataset.from_dict(
+                {
+                    "query-id": [f"{language}/{qid}" for qid in judged["query-id"]],
+                    "corpus-id": judged["corpus-id"],
+                    "score": judged["score"],
+                }
+            )
+        )
+        subsets[language] = ids_here
+    return beir_task(corpus, concatenate_datasets(queries), concatenate_datasets(qrels), name, subsets)
+
+
+def _local_languages(path: Path) -> list[str]:
+    """The languages of a local folder in mteb's per-language layout (`<language>-corpus`, ...), in name order."""
+    found = sorted(p.name[: -len("-corpus")] for p in path.glob("*-corpus") if p.is_dir())
+    return [
+        lang for lang in found if (path / f"{lang}-queries").exists() and (path / f"{lang}-qrels").exists()
+    ]
 
 
 def _is_beir_dir(path: Path) -> bool:
     return all((path / part).exists() for part in BEIR_COLUMNS)
 
 
-def expand_datasets(names: Iterable[str | os.PathLike]) -> list[str]:
-    """Expand `synthetic` (all synthetic test tasks) and `vidore-v1` (the ten ViDoRe v1 tasks); split commas."""
+# ------------------------------------------------------------------ names
+
+
+def expand_datasets(names: Iterable[str | os.PathLike], protocol: str = PROTOCOL) -> list[str]:
+    """Expand the aliases (`synthetic`, `vidore-v1`, `vidore-v2`, `vidore-v3`) into what they name under
+    `protocol` (pinned hub datasets as `path@revision`); split commas."""
+    check_protocol(protocol)
     expanded: list[str] = []
     for item in names:
         for name in str(item).split(",") if not os.path.exists(item) else [str(item)]:
             name = name.strip()
-            if name == SYNTHETIC:
-                expanded.extend(SYNTHETIC_TASKS)
-            elif name == VIDORE_V1:
-                expanded.extend(VIDORE_V1_TASKS)
+            if name in BENCHMARKS[protocol]:
+                expanded.extend(task.spec for task in BENCHMARKS[protocol][name].tasks)
             elif name:
                 expanded.append(name)
     if not expanded:
-        raise ValueError(f"no datasets given; name ViDoRe tasks, local paths, {SYNTHETIC!r} or {VIDORE_V1!r}")
+        raise ValueError(f"no datasets given; name ViDoRe tasks, local paths or one of {list(ALIASES)}")
     return expanded
 
 
 def task_name(name_or_path: str | os.PathLike) -> str:
-    """How a dataset is named in results: hub ids and synthetic names as given, local paths by folder name."""
+    """How a dataset is named in results: hub ids (without revision) and synthetic names as given, local
+    paths by folder name."""
     path = Path(name_or_path)
-    return path.resolve().name if path.exists() else str(name_or_path)
+    return path.resolve().name if path.exists() else split_revision(str(name_or_path))[0]
 
 
-def load_task(name_or_path: str | os.PathLike, split: str = SPLIT) -> RetrievalTask:
-    """Load a dataset by hub id, local path or synthetic task name, as a QA or BEIR task.
+# ------------------------------------------------------------------ loading
 
-    A local directory with `corpus`, `queries` and `qrels` sub-directories is BEIR; any other local
-    dataset is QA. A hub id is BEIR when its configs include corpus, queries and qrels (ViDoRe
-    v2/v3), QA otherwise (ViDoRe v1).
+
+def load_task(name_or_path: str | os.PathLike, split: str = SPLIT, protocol: str = PROTOCOL) -> RetrievalTask:
+    """Load a dataset by hub id (`owner/name` or `owner/name@revision`), local path or synthetic task name.
+
+    A local folder with `corpus`, `queries` and `qrels` is BEIR; one with `<language>-corpus`,
+    `<language>-queries` and `<language>-qrels` folders is mteb's per-language layout; any other local
+    dataset is QA. On the hub, the dataset's configs decide likewise. Under the `mteb` protocol, the
+    ViDoRe v2 tasks mteb splits by language are split the same way.
 
     Raises:
         ValueError: the dataset cannot be read, or lacks what evaluation needs.
     """
-    name = str(name_or_path)
+    check_protocol(protocol)
+    name, revision = split_revision(str(name_or_path))
+    if name in SYNTHETIC_BEIR_TASKS:
+        name = str(synthetic_docs()[name])
     path = Path(name)
     display = task_name(name)
     if path.exists():
@@ -236,32 +329,57 @@ def load_task(name_or_path: str | os.PathLike, split: str = SPLIT) -> RetrievalT
             if _is_beir_dir(path):
                 parts = {part: load_split(path / part, split) for part in BEIR_COLUMNS}
                 return beir_task(parts["corpus"], parts["queries"], parts["qrels"], display)
+            languages = _local_languages(path)
+            if languages:
+                return per_language_task(lambda config: load_split(path / config, split), languages, display)
             ds = load_split(path, split)
         except OSError as err:
             raise ValueError(f"{name} could not be read as a dataset: {err}") from err
-        return qa_task(ds, display)
+        return qa_task(ds, display, protocol)
     if name in SYNTHETIC_TASKS:
-        return qa_task(load_split(name, split), display)
+        return qa_task(load_split(name, split), display, protocol)
     if name.count("/") != 1:
         raise ValueError(
-            f"dataset {name!r} is neither a local path nor a Hugging Face Hub id (owner/name); "
-            f"use one of those, {SYNTHETIC!r}, {VIDORE_V1!r} or a synthetic task {sorted(SYNTHETIC_TASKS)}"
+            f"dataset {name!r} is neither a local path nor a Hugging Face Hub id (owner/name); use one of "
+            f"those, an alias {list(ALIASES)} or a synthetic task {sorted([*SYNTHETIC_TASKS, *SYNTHETIC_BEIR_TASKS])}"
         )
-    return _load_hub_task(name, split)
+    task = _load_hub_task(name, split, revision, protocol)
+    task.revision = revision
+    return task
 
 
-def _load_hub_task(name: str, split: str) -> RetrievalTask:
+def _load_hub_task(name: str, split: str, revision: str | None, protocol: str) -> RetrievalTask:
     import datasets
 
+    pinned = {"revision": revision} if revision else {}  # no revision: the hub's main branch
+    known = KNOWN_TASKS.get(name)
+
+    def load(config: str | None = None):
+        return datasets.load_dataset(name, config, split=split, **pinned)
+
     try:
-        configs = set() if name in VIDORE_V1_TASKS else set(datasets.get_dataset_config_names(name))
+        if name in VIDORE_V1_TASKS:
+            configs = set()
+        else:
+            configs = set(datasets.get_dataset_config_names(name, **pinned))
+        if (
+            known is not None
+            and known.languages
+            and {f"{lang}-corpus" for lang in known.languages} <= configs
+        ):
+            return per_language_task(load, known.languages, name)
         if set(BEIR_COLUMNS) <= configs:
-            parts = {part: datasets.load_dataset(name, part, split=split) for part in BEIR_COLUMNS}
-            return beir_task(parts["corpus"], parts["queries"], parts["qrels"], name)
-        ds = datasets.load_dataset(name, split=split)
+            parts = {part: load(part) for part in BEIR_COLUMNS}
+            subsets = None
+            if protocol == MTEB and known is not None and known.languages:
+                subsets = _by_language(parts["queries"], known.languages, name)
+            return beir_task(parts["corpus"], parts["queries"], parts["qrels"], name, subsets)
+        ds = load() if pinned else datasets.load_dataset(name, split=split)
     except (OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as err:
         raise ValueError(
-            f"could not load {name!r} (split {split!r}) from the Hugging Face Hub: {err}. It needs network access "
-            "or a populated HF cache; or pass the path of a local copy"
+            f"could not load {name!r} (split {split!r}"
+            + (f", revision {revision}" if revision else "")
+            + f") from the Hugging Face Hub: {err}. It needs network access or a populated HF cache; or pass "
+            "the path of a local copy"
         ) from err
-    return qa_task(ds, name)
+    return qa_task(ds, name, protocol)

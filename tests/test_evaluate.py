@@ -10,12 +10,13 @@ import torch
 
 from colqwen3_lib.evaluate import main
 from colqwen3_lib.evaluation import evaluate_model
-from colqwen3_lib.metrics import K_VALUES, SUMMARY_METRICS
+from colqwen3_lib.metrics import K_VALUES, SUMMARY_METRICS, VIDORE_BENCHMARK
 from colqwen3_lib.model import load_model
 from colqwen3_lib.results import RESULTS_FILE, compare_results
 from colqwen3_lib.synthetic import SYNTHETIC_TASKS
 
-FAST = ["--max-visual-tokens", "32", "--no-progress"]  # small pages keep the tiny model quick
+# Small pages keep the tiny model quick; these tests check the vidore-benchmark protocol's files and numbers.
+FAST = ["--max-visual-tokens", "32", "--no-progress", "--protocol", "vidore-benchmark"]
 CHARTS = "synthetic_charts_test"
 
 
@@ -88,7 +89,7 @@ def test_cli_writes_results_for_every_synthetic_task(baseline, capsys):
 
 def test_library_call_gives_the_cli_results(baseline):
     model, processor = load_model("tiny", max_visual_tokens=32)
-    results = evaluate_model(model, processor, [CHARTS], show_progress=False)
+    results = evaluate_model(model, processor, [CHARTS], show_progress=False, protocol=VIDORE_BENCHMARK)
     saved = json.loads((baseline / RESULTS_FILE).read_text())["results"]
     assert results[CHARTS]["metrics"] == pytest.approx(saved[CHARTS]["metrics"], abs=1e-9)
 
@@ -103,7 +104,9 @@ def test_adapter_evaluates_like_the_model_it_was_saved_from(adapter, baseline, t
     from colqwen3_lib import ColQwen3Processor
 
     processor = ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=32)
-    in_memory = evaluate_model(peft_model.eval(), processor, [CHARTS], show_progress=False)[CHARTS]
+    in_memory = evaluate_model(
+        peft_model.eval(), processor, [CHARTS], show_progress=False, protocol=VIDORE_BENCHMARK
+    )[CHARTS]
     from_cli = json.loads((out / f"{CHARTS}.json").read_text())
     assert from_cli["metadata"]["adapter"] == str(path)
     assert from_cli["metrics"] == pytest.approx(in_memory["metrics"], abs=1e-6)

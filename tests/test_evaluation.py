@@ -14,6 +14,7 @@ from datasets import DatasetDict
 from transformers import BatchFeature
 
 from colqwen3_lib.evaluation import build_run, evaluate_model, top_pages
+from colqwen3_lib.metrics import VIDORE_BENCHMARK
 from colqwen3_lib.tasks import BEIR, load_task
 
 LOG2_3 = math.log2(3)
@@ -73,7 +74,9 @@ QA_VECTORS = {
 
 def test_qa_metrics_match_hand_computed_values(qa_dir, fake_model, fake_processor):
     processor = fake_processor(QA_VECTORS)
-    results = evaluate_model(fake_model, processor, [str(qa_dir)], show_progress=False)
+    results = evaluate_model(
+        fake_model, processor, [str(qa_dir)], show_progress=False, protocol=VIDORE_BENCHMARK
+    )
     result = results["tiny_qa_test"]
     assert (result["n_queries"], result["n_pages"], result["n_images"]) == (3, 5, 6)
     metrics = result["metrics"]
@@ -88,7 +91,7 @@ def test_qa_metrics_match_hand_computed_values(qa_dir, fake_model, fake_processo
 
 
 def test_qa_run_takes_the_max_over_a_pages_images(qa_dir):
-    task = load_task(qa_dir)
+    task = load_task(qa_dir, protocol=VIDORE_BENCHMARK)
     scores = torch.zeros(3, len(task.images))
     scores[2] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # image i scores (i + 1) / 10 for query C
     run = build_run(task, scores)
@@ -114,7 +117,9 @@ BEIR_VECTORS = {
 
 
 def test_beir_graded_relevance(beir_dir, fake_model, fake_processor):
-    results = evaluate_model(fake_model, fake_processor(BEIR_VECTORS), [beir_dir], show_progress=False)
+    results = evaluate_model(
+        fake_model, fake_processor(BEIR_VECTORS), [beir_dir], show_progress=False, protocol=VIDORE_BENCHMARK
+    )
     result = results["tiny_beir"]
     assert result["format"] == BEIR and (result["n_queries"], result["n_pages"]) == (3, 5)
     metrics = result["metrics"]
@@ -129,7 +134,7 @@ def test_beir_graded_relevance(beir_dir, fake_model, fake_processor):
 
 
 def test_top_pages_ranks_the_pages_of_a_task_for_one_query(qa_dir, fake_model, fake_processor):
-    task = load_task(qa_dir)
+    task = load_task(qa_dir, protocol=VIDORE_BENCHMARK)
     pages = top_pages(fake_model, fake_processor(QA_VECTORS), task, "B", k=3)
     assert len(pages) == 3
     assert [p["score"] for p in pages] == sorted((p["score"] for p in pages), reverse=True)

@@ -5,6 +5,7 @@ import shutil
 import pytest
 from datasets import Dataset, DatasetDict
 
+from colqwen3_lib.metrics import VIDORE_BENCHMARK
 from colqwen3_lib.synthetic import SYNTHETIC_TASKS
 from colqwen3_lib.tasks import (
     BEIR,
@@ -20,7 +21,7 @@ from colqwen3_lib.tasks import (
 
 
 def test_qa_task_structure(qa_dir):
-    task = load_task(qa_dir)
+    task = load_task(qa_dir, protocol=VIDORE_BENCHMARK)
     assert task.name == "tiny_qa_test" and task.format == QA
     assert task.queries == ["A", "B", "C"]  # de-duplicated, distractors dropped
     assert len(task.images) == 6  # rows 2 and 4 hold the same image
@@ -62,8 +63,8 @@ def test_beir_missing_column(beir_dir, tmp_path):
 
 
 def test_names_expand_to_tasks():
-    assert expand_datasets(["synthetic"]) == list(SYNTHETIC_TASKS)
-    assert expand_datasets(["vidore-v1"]) == list(VIDORE_V1_TASKS)
+    assert expand_datasets(["synthetic"], VIDORE_BENCHMARK) == list(SYNTHETIC_TASKS)
+    assert expand_datasets(["vidore-v1"], VIDORE_BENCHMARK) == list(VIDORE_V1_TASKS)
     assert len(VIDORE_V1_TASKS) == 10
     assert expand_datasets(["vidore/docvqa_test_subsampled,vidore/tatdqa_test"]) == [
         "vidore/docvqa_test_subsampled",
@@ -93,10 +94,10 @@ def test_hub_ids_load_the_test_split(qa_dir, beir_dir, monkeypatch):
         "get_dataset_config_names",
         lambda name: ["corpus", "queries", "qrels"] if name == "vidore/esg_reports_v2" else ["default"],
     )
-    qa = load_task("vidore/docvqa_test_subsampled")
+    qa = load_task("vidore/docvqa_test_subsampled", protocol=VIDORE_BENCHMARK)
     assert (qa.name, qa.format, qa.queries) == ("vidore/docvqa_test_subsampled", QA, ["A", "B", "C"])
     assert calls == [("vidore/docvqa_test_subsampled", None, "test")]
-    beir = load_task("vidore/esg_reports_v2")
+    beir = load_task("vidore/esg_reports_v2", protocol=VIDORE_BENCHMARK)
     assert beir.format == BEIR and set(calls[1:]) == {
         ("vidore/esg_reports_v2", p, "test") for p in BEIR_COLUMNS
     }
