@@ -165,6 +165,31 @@ def beir_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def per_language_dir(tmp_path_factory):
+    """A local test set `tiny_v3` in mteb's per-language layout (ViDoRe v3's): english and french queries with
+    the same ids over one corpus of pages c0, c1, c2 (colours 0-2); q2 is judged c1 (2) in english, c2 in french."""
+    from datasets import Dataset, DatasetDict
+
+    path = tmp_path_factory.mktemp("per_language") / "tiny_v3"
+    corpus = Dataset.from_dict({"id": [f"c{c}" for c in range(3)], "image": [_page(c) for c in range(3)]})
+    parts = {
+        "english": (["first", "second"], [("q1", "c0", 1), ("q2", "c1", 2)]),
+        "french": (["premier", "second fr"], [("q1", "c0", 1), ("q2", "c2", 1)]),
+    }
+    for language, (texts, judged) in parts.items():
+        queries = Dataset.from_dict({"id": ["q1", "q2"], "text": texts, "language": [language] * 2})
+        qrels = Dataset.from_dict(
+            {
+                column: [row[i] for row in judged]
+                for i, column in enumerate(("query-id", "corpus-id", "score"))
+            }
+        )
+        for part, ds in (("corpus", corpus), ("queries", queries), ("qrels", qrels)):
+            DatasetDict(test=ds).save_to_disk(str(path / f"{language}-{part}"))
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA; without it they are reported as skipped, with the reason."""
     import torch

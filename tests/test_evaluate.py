@@ -10,10 +10,10 @@ import torch
 
 from colqwen3_lib.evaluate import main
 from colqwen3_lib.evaluation import evaluate_model
-from colqwen3_lib.metrics import K_VALUES, SUMMARY_METRICS, VIDORE_BENCHMARK
+from colqwen3_lib.metrics import K_VALUES, MTEB_K_VALUES, SUMMARY_METRICS, VIDORE_BENCHMARK
 from colqwen3_lib.model import load_model
 from colqwen3_lib.results import RESULTS_FILE, compare_results
-from colqwen3_lib.synthetic import SYNTHETIC_TASKS
+from colqwen3_lib.synthetic import SYNTHETIC_BEIR_TASKS, SYNTHETIC_TASKS
 
 # Small pages keep the tiny model quick; these tests check the vidore-benchmark protocol's files and numbers.
 FAST = ["--max-visual-tokens", "32", "--no-progress", "--protocol", "vidore-benchmark"]
@@ -246,3 +246,35 @@ def test_a_cuda_device_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert run_cli("--model-path", "tiny", "--device", "cuda", "--output-dir", tmp_path / "out", *FAST) == 2
     assert "no CUDA GPU is visible; pass --device cpu" in capsys.readouterr().err
+
+
+def test_the_default_protocol_is_mtebs_on_the_synthetic_beir_mirrors(baseline, tmp_path, capsys):
+    """`--protocol mteb` (the default) evaluates the BEIR mirrors; on these sets (one page per query, every
+    page distinct) NDCG@5 and @10 match the vidore-benchmark protocol's up to mteb's rounding."""
+    out = tmp_path / "mteb"
+    assert (
+        run_cli("--model-path", "tiny", "--output-dir", out, "--max-visual-tokens", "32", "--no-progress")
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "| synthetic | mteb | ndcg_at_5 |" in printed and "2/2" in printed
+    saved = json.loads((out / RESULTS_FILE).read_text())
+    assert saved["metadata"]["protocol"] == "mteb" and list(saved["results"]) == list(SYNTHETIC_BEIR_TASKS)
+    assert saved["benchmarks"][0]["score"] == pytest.approx(
+        sum(r["metrics"]["ndcg_at_5"] for r in saved["results"].values()) / 2
+    )
+    before = json.loads((baseline / RESULTS_FILE).read_text())["results"]
+    for mirror, task in SYNTHETIC_BEIR_TASKS.items():
+        per_task = json.loads((out / f"{mirror}.json").read_text())
+        assert per_task["protocol"] == "mteb" and per_task["metadata"]["protocol"] == "mteb"
+        assert set(per_task["metrics"]) >= {f"ndcg_at_{k}" for k in MTEB_K_VALUES}
+        assert before[task]["protocol"] == VIDORE_BENCHMARK
+        for metric in ("ndcg_at_5", "ndcg_at_10"):
+            assert per_task["metrics"][metric] == pytest.approx(before[task]["metrics"][metric], abs=5e-6)
+    assert "| synthetic | mteb |" in (out / "summary.md").read_text()
+
+
+def test_an_unknown_protocol_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--model-path", "tiny", "--output-dir", tmp_path / "out", "--protocol", "trec")
+    assert exit_info.value.code == 2 and "invalid choice: 'trec'" in capsys.readouterr().err

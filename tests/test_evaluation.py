@@ -1,9 +1,10 @@
-"""ViDoRe evaluation (embed, score by MaxSim, measure) in the QA and BEIR formats, against hand-computed metrics.
+"""ViDoRe evaluation (embed, score by MaxSim, measure) in the QA, BEIR and per-language layouts, under both
+protocols, against hand-computed metrics.
 
 A stand-in model makes the scores exact: a page becomes one token, the one-hot vector of its
 colour; a query becomes one token, a vector the test chooses. So score(query, page) is that
 vector's entry at the page's colour, and every NDCG below can be worked out by hand. The datasets
-(`qa_dir`: `QA_ROWS`, `beir_dir`) are built in conftest.py.
+(`qa_dir`: `QA_ROWS`, `beir_dir`, `per_language_dir`) are built in conftest.py.
 """
 
 import math
@@ -13,8 +14,8 @@ import torch
 from datasets import DatasetDict
 from transformers import BatchFeature
 
-from colqwen3_lib.evaluation import build_run, evaluate_model, top_pages
-from colqwen3_lib.metrics import VIDORE_BENCHMARK
+from colqwen3_lib.evaluation import build_run, evaluate_model, top_k_run, top_pages
+from colqwen3_lib.metrics import MTEB, MTEB_DECIMALS, VIDORE_BENCHMARK
 from colqwen3_lib.tasks import BEIR, load_task
 
 LOG2_3 = math.log2(3)
@@ -141,3 +142,61 @@ def test_top_pages_ranks_the_pages_of_a_task_for_one_query(qa_dir, fake_model, f
     assert pages[0]["document"] == "p2.png" and pages[0]["relevant"] == 1  # B's page ranks first
     assert all(p["relevant"] == 0 for p in pages[1:])
     assert all(p["image"].size == (40, 40) for p in pages)
+
+
+# ------------------------------------------------------------------ the mteb protocol
+
+
+def test_mteb_scores_a_qa_set_as_its_beir_mirror(qa_dir, fake_model, fake_processor):
+    """Image i is document i (colour i): A is relevant at its rows' pages 1 and 3, C only at page 4 (page 5,
+    the other image of p4.png, is a document of its own)."""
+    processor = fake_processor(QA_VECTORS)
+    result = evaluate_model(fake_model, processor, [qa_dir], show_progress=False, protocol=MTEB)[
+        "tiny_qa_test"
+    ]
+    assert (result["protocol"], result["n_queries"], result["n_pages"]) == (MTEB, 3, 6)
+    assert result["benchmark"] is None and result["main_score"] == "ndcg_at_5"
+    metrics = result["metrics"]
+    a = (1 / LOG2_3 + 1 / 2) / (1 + 1 / LOG2_3)  # A ranks 0, 1, 3: relevant at 2 and 3
+    assert metrics["ndcg_at_5"] == round((a + 1 + 0.5) / 3, MTEB_DECIMALS)  # C ranks 5, 0, 4
+    assert metrics["recall_at_1"] == round(1 / 3, MTEB_DECIMALS)
+    assert metrics["mrr_at_10"] == pytest.approx((1 / 2 + 1 + 1 / 3) / 3)
+
+
+def test_mteb_drops_queries_without_judgements_before_embedding(beir_dir, fake_model, fake_processor):
+    processor = fake_processor(BEIR_VECTORS)
+    result = evaluate_model(fake_model, processor, [beir_dir], show_progress=False, protocol=MTEB)[
+        "tiny_beir"
+    ]
+    assert result["n_queries"] == 2 and sorted(processor.queries_seen) == ["first", "second"]
+    first = (2 / LOG2_3 + 1 / 2) / (2 + 1 / LOG2_3)
+    assert result["metrics"]["ndcg_at_5"] == round((first + 1) / 2, MTEB_DECIMALS)
+
+
+def test_mteb_averages_a_tasks_language_subsets(per_language_dir, fake_model, fake_processor):
+    vectors = {
+        "first": [0.9, 0.1, 0.0, 0, 0, 0],  # c0 first: relevant
+        "second": [0.1, 0.5, 0.9, 0, 0, 0],  # c2, c1: relevant c1 at 2
+        "premier": [0.1, 0.9, 0.2, 0, 0, 0],  # c1, c2, c0: relevant c0 at 3
+        "second fr": [0.0, 0.0, 0.9, 0, 0, 0],  # c2 first: relevant
+    }
+    result = evaluate_model(
+        fake_model, fake_processor(vectors), [per_language_dir], show_progress=False, protocol=MTEB
+    )["tiny_v3"]
+    english = round((1 + 1 / LOG2_3) / 2, MTEB_DECIMALS)
+    french = round((0.5 + 1) / 2, MTEB_DECIMALS)
+    assert result["subsets"]["english"]["metrics"]["ndcg_at_5"] == english
+    assert result["subsets"]["french"]["metrics"]["ndcg_at_5"] == french
+    assert result["metrics"]["ndcg_at_5"] == pytest.approx((english + french) / 2)
+    assert result["n_queries"] == 4
+
+
+def test_top_k_run_keeps_trec_order_and_cuts(beir_dir):
+    task = load_task(beir_dir, protocol=MTEB)
+    scores = torch.tensor([[0.5, 0.5, 0.9, 0.5, 0.1]])  # images 0-4 are documents 0-4
+    run = top_k_run(task, scores, ["1"], top_k=3)
+    assert list(run["1"].items()) == [
+        ("2", pytest.approx(0.9)),
+        ("3", 0.5),
+        ("1", 0.5),
+    ]  # ties: larger id first

@@ -3,7 +3,7 @@
 import pytest
 
 from colqwen3_lib.metrics import SUMMARY_METRICS
-from colqwen3_lib.results import compare_results, read_results, write_results
+from colqwen3_lib.results import benchmark_rows, compare_results, read_results, write_results
 
 
 def _result(ndcg5: float, ndcg10: float) -> dict:
@@ -29,3 +29,20 @@ def test_result_files_and_comparison(tmp_path):
     with pytest.raises(ValueError, match="not an evaluation result"):
         (tmp_path / "other.json").write_text("{}")
         read_results(tmp_path / "other.json")
+
+
+def test_benchmark_rows_average_each_benchmarks_main_score():
+    v3 = {**_result(0.1, 0.4), "protocol": "mteb", "benchmark": "vidore-v3", "main_score": "ndcg_at_10"}
+    results = {
+        "a": {**_result(0.2, 0.3), "protocol": "mteb", "benchmark": "vidore-v1", "main_score": "ndcg_at_5"},
+        "b": {**_result(0.4, 0.5), "protocol": "mteb", "benchmark": "vidore-v1", "main_score": "ndcg_at_5"},
+        "c": v3,
+        "d": {**_result(0.9, 0.9), "protocol": "mteb", "benchmark": None},
+    }
+    rows = benchmark_rows(results)
+    assert [(r["benchmark"], r["main_score"], r["tasks"]) for r in rows] == [
+        ("ViDoRe(v1)", "ndcg_at_5", "2/10"),
+        ("ViDoRe(v3)", "ndcg_at_10", "1/8 (+2 private)"),
+    ]
+    assert rows[0]["score"] == pytest.approx(0.3) and rows[1]["score"] == pytest.approx(0.4)
+    assert benchmark_rows({"old": _result(0.1, 0.1)}) == []  # results written before protocols had none

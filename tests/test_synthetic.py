@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 
 from colqwen3_lib.data import load_split
-from colqwen3_lib.synthetic import COLOURS, KINDS, ORIENTATIONS, SYNTHETIC_TASKS, make_synthetic_docs
+from colqwen3_lib.synthetic import (
+    COLOURS,
+    KINDS,
+    ORIENTATIONS,
+    SYNTHETIC_BEIR_TASKS,
+    SYNTHETIC_TASKS,
+    make_synthetic_docs,
+    mirror_qa_rows,
+)
 
 TRAIN_COLUMNS = {
     "query",
@@ -95,3 +103,26 @@ def test_too_many_test_pages_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="at most 48 distinct test pages"):
         make_synthetic_docs(tmp_path / "x", n_train=2, n_test=60)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_qa_set_is_mirrored_as_mtebs_beir_mirrors_are():
+    """Distinct images in first-row order; distinct queries likewise; every row of a repeated query relevant."""
+    mirror = mirror_qa_rows(["A", None, "B", "A", "A"], ["x", "y", "z", "w", "x"])
+    assert mirror == {"corpus": [0, 1, 2, 3], "queries": ["A", "B"], "qrels": [(0, 0), (1, 2), (0, 3)]}
+
+
+@pytest.mark.parametrize("mirror", sorted(SYNTHETIC_BEIR_TASKS))
+def test_each_synthetic_test_set_has_its_beir_mirror(synthetic, mirror):
+    qa = load_split(synthetic[SYNTHETIC_BEIR_TASKS[mirror]], "test")
+    corpus, queries, qrels = (
+        load_split(synthetic[mirror] / part, "test") for part in ("corpus", "queries", "qrels")
+    )
+    assert corpus["corpus-id"] == list(range(len(qa)))  # every page is distinct: one document per row
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(corpus["image"], qa["image"]))
+    asked = [(row, query) for row, query in enumerate(qa["query"]) if query is not None]
+    assert queries["query"] == [query for _, query in asked] and queries["query-id"] == list(
+        range(len(asked))
+    )
+    assert list(zip(qrels["query-id"], qrels["corpus-id"], qrels["score"])) == [
+        (i, row, 1) for i, (row, _) in enumerate(asked)
+    ]

@@ -1,12 +1,14 @@
-"""Evaluation tasks: ViDoRe QA and BEIR datasets reduced to queries, pages and qrels; dataset names."""
+"""Evaluation tasks: ViDoRe QA, BEIR and per-language datasets reduced to queries, pages and qrels under both
+protocols; dataset names and aliases."""
 
 import shutil
 
 import pytest
 from datasets import Dataset, DatasetDict
 
-from colqwen3_lib.metrics import VIDORE_BENCHMARK
-from colqwen3_lib.synthetic import SYNTHETIC_TASKS
+from colqwen3_lib.benchmarks import BENCHMARKS, benchmark_of, split_revision
+from colqwen3_lib.metrics import MTEB, VIDORE_BENCHMARK
+from colqwen3_lib.synthetic import SYNTHETIC_BEIR_TASKS, SYNTHETIC_TASKS, write_beir_mirror
 from colqwen3_lib.tasks import (
     BEIR,
     BEIR_COLUMNS,
@@ -103,3 +105,78 @@ def test_hub_ids_load_the_test_split(qa_dir, beir_dir, monkeypatch):
     }
     with pytest.raises(ValueError, match="could not load 'owner/offline'.*local copy"):
         load_task("owner/offline")
+
+
+# ------------------------------------------------------------------ the mteb protocol
+
+
+def test_mteb_reads_a_qa_set_as_its_beir_mirror(qa_dir, tmp_path, qa_dataset):
+    """Every distinct image is a document; every row of a repeated query is relevant (rows 1 and 3 for A)."""
+    task = load_task(qa_dir, protocol=MTEB)
+    assert task.queries == ["A", "B", "C"] and task.n_documents == 6
+    relevant = {q: task.qrels[qid] for q, qid in zip(task.queries, task.query_ids)}
+    assert relevant == {"A": {"1": 1, "3": 1}, "B": {"2": 1}, "C": {"4": 1}}
+    # The mirror written to disk reads back as the same task.
+    write_beir_mirror(qa_dataset(), tmp_path / "tiny_qa_test_beir")
+    mirror = load_task(tmp_path / "tiny_qa_test_beir", protocol=MTEB)
+    assert mirror.format == BEIR and (mirror.queries, mirror.query_ids) == (task.queries, task.query_ids)
+    assert mirror.qrels == task.qrels and mirror.image_docs == task.image_docs
+
+
+def test_aliases_name_mtebs_pinned_datasets():
+    v1 = expand_datasets(["vidore-v1"])
+    assert (
+        len(v1) == 10 and v1[1] == "mteb/docvqa_test_subsampled_beir@e78cd130055fcb8d69bb0ff4115c4712a157f3d3"
+    )
+    assert [split_revision(spec)[0] for spec in v1] == [
+        f"mteb/{n.split('/')[1]}_beir" for n in VIDORE_V1_TASKS
+    ]
+    assert (
+        len(expand_datasets(["vidore-v2"])) == 4 and len(expand_datasets(["vidore-v3"])) == 8
+    )  # public only
+    assert expand_datasets(["synthetic"]) == list(SYNTHETIC_BEIR_TASKS)
+    assert (
+        BENCHMARKS[MTEB]["vidore-v3"].main_score == "ndcg_at_10"
+        and len(BENCHMARKS[MTEB]["vidore-v3"].private) == 2
+    )
+    assert (
+        benchmark_of(v1[0]).alias == "vidore-v1"
+        and benchmark_of("mteb/tatdqa_test_beir").alias == "vidore-v1"
+    )
+    assert benchmark_of("mteb/tatdqa_test_beir@0123abc") is None  # another revision is not the benchmark's
+    assert benchmark_of("vidore/tatdqa_test", VIDORE_BENCHMARK).alias == "vidore-v1"
+    assert benchmark_of("vidore/tatdqa_test") is None  # under mteb, ViDoRe v1 is the BEIR mirrors
+    with pytest.raises(ValueError, match="unknown evaluation protocol"):
+        expand_datasets(["vidore-v1"], "trec")
+
+
+def test_mtebs_per_language_layout_keeps_each_language_apart(per_language_dir):
+    task = load_task(per_language_dir)
+    assert task.subsets == {"english": ["english/q1", "english/q2"], "french": ["french/q1", "french/q2"]}
+    assert task.queries == ["first", "second", "premier", "second fr"] and task.n_documents == 3
+    assert task.qrels["english/q2"] == {"c1": 2} and task.qrels["french/q2"] == {"c2": 1}
+
+
+def test_mtebs_v2_tasks_are_split_by_the_queries_language(beir_dir, monkeypatch):
+    """A pinned hub revision reaches every load; ViDoRe v2's multilingual tasks get mteb's language subsets."""
+    import datasets
+
+    from colqwen3_lib.data import load_split
+
+    calls = []
+
+    def fake_load_dataset(name, config=None, split=None, revision=None):
+        calls.append((name, config, revision))
+        rows = load_split(beir_dir / config, split)
+        if config == "queries":
+            rows = rows.add_column("language", ["english", "french", "english"])
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(datasets, "get_dataset_config_names", lambda name, revision=None: list(BEIR_COLUMNS))
+    spec = next(s for s in expand_datasets(["vidore-v2"]) if s.startswith("vidore/esg_reports_v2@"))
+    task = load_task(spec)
+    assert task.name == "vidore/esg_reports_v2" and task.revision == spec.split("@")[1]
+    assert {revision for _, _, revision in calls} == {task.revision}
+    assert task.subsets == {"french": ["2"], "spanish": [], "english": ["1", "3"], "german": []}
+    assert load_task(spec, protocol=VIDORE_BENCHMARK).subsets == {}  # vidore-benchmark: one pool of queries
