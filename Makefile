@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= notebooks,eval,dev
+EXTRAS ?= notebooks,eval,dev,mteb
 PYTEST_ARGS ?=
 
 .PHONY: install course lab demo test lint bench clean
