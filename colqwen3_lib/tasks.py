@@ -265,12 +265,13 @@ def per_language_task(load_part, languages: Sequence[str], name: str) -> Retriev
     return beir_task(corpus, concatenate_datasets(queries), concatenate_datasets(qrels), name, subsets)
 
 
-def _local_languages(path: Path) -> list[str]:
-    """The languages of a local folder in mteb's per-language layout (`<language>-corpus`, ...), in name order."""
-    found = sorted(p.name[: -len("-corpus")] for p in path.glob("*-corpus") if p.is_dir())
-    return [
-        lang for lang in found if (path / f"{lang}-queries").exists() and (path / f"{lang}-qrels").exists()
-    ]
+def _config_languages(configs: Iterable[str], known: Sequence[str] = ()) -> list[str]:
+    """The languages of mteb's per-language layout among `configs` (folder or config names `<language>-corpus`,
+    `-queries`, `-qrels`): `known` (mteb's order) when all are there, else those found, in name order."""
+    configs = set(configs)
+    found = sorted(c[: -len("-corpus")] for c in configs if c.endswith("-corpus"))
+    found = [lang for lang in found if {f"{lang}-queries", f"{lang}-qrels"} <= configs]
+    return list(known) if known and set(known) <= set(found) else found
 
 
 def _is_beir_dir(path: Path) -> bool:
@@ -329,7 +330,7 @@ def load_task(name_or_path: str | os.PathLike, split: str = SPLIT, protocol: str
             if _is_beir_dir(path):
                 parts = {part: load_split(path / part, split) for part in BEIR_COLUMNS}
                 return beir_task(parts["corpus"], parts["queries"], parts["qrels"], display)
-            languages = _local_languages(path)
+            languages = _config_languages(p.name for p in path.iterdir() if p.is_dir())
             if languages:
                 return per_language_task(lambda config: load_split(path / config, split), languages, display)
             ds = load_split(path, split)
@@ -362,12 +363,9 @@ def _load_hub_task(name: str, split: str, revision: str | None, protocol: str) -
             configs = set()
         else:
             configs = set(datasets.get_dataset_config_names(name, **pinned))
-        if (
-            known is not None
-            and known.languages
-            and {f"{lang}-corpus" for lang in known.languages} <= configs
-        ):
-            return per_language_task(load, known.languages, name)
+        languages = _config_languages(configs, known.languages if known else ())
+        if languages:
+            return per_language_task(load, languages, name)
         if set(BEIR_COLUMNS) <= configs:
             parts = {part: load(part) for part in BEIR_COLUMNS}
             subsets = None

@@ -180,3 +180,24 @@ def test_mtebs_v2_tasks_are_split_by_the_queries_language(beir_dir, monkeypatch)
     assert {revision for _, _, revision in calls} == {task.revision}
     assert task.subsets == {"french": ["2"], "spanish": [], "english": ["1", "3"], "german": []}
     assert load_task(spec, protocol=VIDORE_BENCHMARK).subsets == {}  # vidore-benchmark: one pool of queries
+
+
+def test_mtebs_v3_tasks_load_each_language_from_the_hub(per_language_dir, monkeypatch):
+    import datasets
+
+    from colqwen3_lib.data import load_split
+
+    configs = sorted(p.name for p in per_language_dir.iterdir())
+    monkeypatch.setattr(datasets, "get_dataset_config_names", lambda name, revision=None: configs)
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda name, config, split, revision: load_split(per_language_dir / config, split),
+    )
+    spec = expand_datasets(["vidore-v3"])[0]
+    task = load_task(spec)
+    assert task.name == "vidore/vidore_v3_finance_en_mteb_format" and list(task.subsets) == [
+        "english",
+        "french",
+    ]
+    assert benchmark_of(task.name, revision=task.revision).main_score == "ndcg_at_10"
