@@ -38,6 +38,7 @@ NOTEBOOKS = (
     "03_lora_training",
     "04_vidore_eval",
     "05_troubleshooting_oom",
+    "06_search_your_documents",
 )
 # Shared parameters per profile; each notebook receives the ones its parameters cell declares.
 # `tiny` keeps every notebook's own defaults, which are the offline CPU settings.

@@ -161,3 +161,22 @@ def test_every_page_reads_offline_in_a_real_browser(course):
             assert "Traceback" not in seen["text"] and "Error:" not in seen["text"], path.name
             assert seen["widgets"] == 0, path.name  # widgets became notes: none is left blank
         browser.close()
+
+
+def test_search_notebook_indexes_the_pdf_reloads_it_and_pools_it(course):
+    from colqwen3_lib.data import load_split
+    from colqwen3_lib.synthetic import SYNTHETIC_TASKS
+
+    metrics = course[1]["06_search_your_documents"]["metrics"]
+    assert metrics["trained"]  # the adapter of 03 reached 06 too
+    assert metrics["n_pages"] == sum(len(load_split(t, "test")) for t in SYNTHETIC_TASKS)  # every PDF page
+    assert 0 < metrics["n_queries"] < metrics["n_pages"]  # distractor pages have no query
+    assert metrics["reload_identical"]
+    assert metrics["pool_factors"] == [1, 2, 3]
+    vectors, size = metrics["vectors"], metrics["index_mb"]
+    assert vectors["1"] == round(metrics["tokens_per_page"] * metrics["n_pages"])
+    for factor in ("2", "3"):
+        assert vectors[factor] <= vectors["1"] / int(factor)  # n_tokens // factor per page
+        assert size[factor] == pytest.approx(size["1"] / int(factor), rel=0.1)  # the index shrinks with it
+        assert metrics["search_ms"][factor] > 0
+    assert all(0.0 <= ndcg <= 1.0 for ndcg in metrics["ndcg_at_5"].values())
