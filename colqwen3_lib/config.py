@@ -140,9 +140,8 @@ class TrainConfig:
     lora_alpha: int | None = None  # None: equal to lora_rank
     lora_dropout: float = LORA_DROPOUT
     head_in_full: bool = False  # the kit's opt-in: train custom_text_proj in full, not as a LoRA target
-    dim: int = (
-        EMBEDDING_DIM  # the head's output size when the base checkpoint has no head (320: colpali-engine's)
-    )
+    # Head size for a base without one (None: 128; 320: colpali-engine's); a base with a head keeps its size.
+    dim: int | None = None
     per_device_train_batch_size: int = BATCH_SIZE
     per_device_eval_batch_size: int | None = EVAL_BATCH_SIZE  # None: the training batch size
     gradient_accumulation_steps: int = 1

@@ -165,7 +165,9 @@ class ColbertContrastiveLoss(nn.Module):
         n_q = query_embeddings.shape[0]
         if page_embeddings.shape[0] < offset + n_q:
             raise ValueError(f"{n_q} queries at offset {offset} need at least {offset + n_q} pages")
-        scores = maxsim_scores(query_embeddings, page_embeddings, self.normalize_scores).float() / self.tau
+        # Scores of bf16 embeddings in float32; float64 ones stay float64.
+        dtype = torch.promote_types(query_embeddings.dtype, torch.float32)
+        scores = maxsim_scores(query_embeddings, page_embeddings, self.normalize_scores).to(dtype) / self.tau
         positives = torch.arange(n_q, device=scores.device) + offset  # (n_q,)
         if self.loss == "ce":
             loss = F.cross_entropy(scores, positives)
@@ -176,9 +178,9 @@ class ColbertContrastiveLoss(nn.Module):
         if hard_negative_embeddings is None:
             return loss
         own_pages = page_embeddings[offset : offset + n_q]
-        pos = paired_scores(query_embeddings, own_pages, self.normalize_scores).float() / self.tau  # (n_q,)
+        pos = paired_scores(query_embeddings, own_pages, self.normalize_scores).to(dtype) / self.tau  # (n_q,)
         neg = (
-            paired_scores(query_embeddings, hard_negative_embeddings, self.normalize_scores).float()
+            paired_scores(query_embeddings, hard_negative_embeddings, self.normalize_scores).to(dtype)
             / self.tau
         )
         hard = F.softplus(neg - pos).mean()

@@ -426,6 +426,18 @@ def check_adapter(adapter_dir: str | os.PathLike, model: torch.nn.Module, model_
     return config
 
 
+def adapter_dim(adapter: str | os.PathLike) -> int | None:
+    """The head size a PEFT adapter was trained with (its LoRA on the head, or the head saved in full); None if
+    it leaves the head alone (or is no adapter: `check_adapter` says so)."""
+    if not (Path(adapter) / "adapter_config.json").exists():
+        return None
+    shapes = formats.read_checkpoint(adapter).tensors or {}
+    for key in (f"base_model.model.{HEAD}.lora_B.weight", f"base_model.model.{HEAD}.weight"):
+        if key in shapes:
+            return int(shapes[key][0])
+    return None
+
+
 def apply_adapter(model: ColQwen3, adapter: str | os.PathLike, model_path: str = ""):
     """Check a PEFT adapter against `model` (shapes, base fingerprint), restore the initial head saved with it,
     and wrap `model` with it: a `PeftModel` (call `.merge_and_unload()` for a plain ColQwen3).
@@ -497,8 +509,11 @@ def load_model(
     # Build the tiny checkpoint first, so that building it draws nothing from the seed of the new head.
     resolve_model_path(model_path)
     torch.manual_seed(seed)
+    # A base without a head gets one of the size the adapter was trained with (e.g. 320, colpali-engine's).
+    new_head_dim = adapter_dim(adapter) if adapter is not None else None
     model = ColQwen3.from_pretrained(
         model_path,
+        dim=new_head_dim if new_head_dim and not formats.detect_format(model_path).heads else None,
         dtype=dtype or default_dtype(device),
         attn_implementation=attn_implementation,
         device_map={"": device} if device.type == "cuda" else None,

@@ -138,10 +138,19 @@ def test_adapter_for_another_base_model_is_refused(adapter, tmp_path, capsys):
     )
     assert "trained on 'Qwen/Qwen3-VL-8B-Instruct', but the base model is 'tiny'" in capsys.readouterr().err
 
+    # A head of another size than the base's own (a base without a head takes the adapter's size).
+    from colqwen3_lib import ColQwen3, ColQwen3Processor
+
+    headed = tmp_path / "headed"
+    ColQwen3.from_pretrained("tiny").save_pretrained(headed)
+    ColQwen3Processor.from_pretrained("tiny").save_pretrained(headed)
     wrong_dim = tmp_path / "wrong_dim"
     make_adapter(wrong_dim, dim=64)
+    config = json.loads((wrong_dim / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(headed)
+    (wrong_dim / "adapter_config.json").write_text(json.dumps(config))
     assert (
-        run_cli("--model-path", "tiny", "--adapter", wrong_dim, "--output-dir", tmp_path / "o2", *FAST) == 2
+        run_cli("--model-path", headed, "--adapter", wrong_dim, "--output-dir", tmp_path / "o2", *FAST) == 2
     )
     err = capsys.readouterr().err
     assert "does not fit the base model" in err and "custom_text_proj.weight: adapter shape [64, 64]" in err

@@ -142,6 +142,37 @@ def test_full_fine_tuning_saves_a_model_that_reloads(tmp_path, small_config):
         torch.testing.assert_close(ColQwen3.from_pretrained(tmp_path).eval()(**batch), result.model(**batch))
 
 
+@pytest.mark.parametrize("head_in_full", [False, True])
+def test_a_run_at_dim_320_reloads_at_320(tmp_path, small_config, head_in_full):
+    """--dim 320 on a base without a head: `load_model` builds the head at the adapter's size, then restores
+    the saved initial head (LoRA on the head) or takes the whole head from the adapter (--head-in-full)."""
+    from colqwen3_lib.model import load_model
+
+    result = train(small_config(tmp_path, dim=320, max_steps=1, warmup_steps=0, head_in_full=head_in_full))
+    model, processor = load_model("tiny", adapter=tmp_path, device="cpu", dtype=torch.float32)
+    batch = processor.process_queries(["a red bar chart", "blue table"])
+    with torch.no_grad():
+        got, expected = model(**batch), result.model(**batch)
+    assert model.dim == got.shape[-1] == 320
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_base_with_a_head_keeps_its_size_without_dim(tmp_path, small_config):
+    """colpali-engine's runs start from a ColQwen3 base that has its (320-output) head: no --dim needed."""
+    import dataclasses
+
+    from colqwen3_lib import ColQwen3, ColQwen3Processor
+
+    base = tmp_path / "base"
+    ColQwen3.from_pretrained("tiny", dim=320).save_pretrained(base)
+    ColQwen3Processor.from_pretrained("tiny").save_pretrained(base)
+    config = dataclasses.replace(small_config(tmp_path / "run", max_steps=1), base_model_path=str(base))
+    assert config.dim is None
+    result = train(config)
+    assert result.model.base_model.model.dim == 320
+    assert not (tmp_path / "run" / "base_head.safetensors").exists()  # the base has its head
+
+
 # ------------------------------------------------------------------------------------- out of memory
 
 
