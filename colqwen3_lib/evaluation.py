@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .benchmarks import benchmark_of
-from .data import decode_image
+from .data import decode_image, load_split
 from .metrics import (
     HEADLINE,
     MAIN_SCORE,
@@ -155,6 +155,26 @@ def top_k_run(
         qid: {descending_ids[i]: score for i, score in zip(columns, row)}
         for qid, columns, row in zip(ids, order, values)
     }
+
+
+def own_page_scores(
+    model, processor, dataset: str, n: int = 8, split: str = SPLIT
+) -> tuple[torch.Tensor, list[str]]:
+    """MaxSim of the first `n` queries of a QA-format set (one row per page) against their own rows' pages.
+
+    Query i was written for page i, so a good retriever's best page per row is on the diagonal: the score
+    matrix of notebook 02, for any model.
+
+    Returns:
+        (n, n) float32 scores and the query texts.
+    """
+    rows = load_split(dataset, split)
+    rows = rows.select([i for i, query in enumerate(rows["query"]) if query is not None][:n])
+    queries = list(rows["query"])
+    scores = score_multi_vector(
+        embed_queries(model, processor, queries), embed_images(model, processor, list(rows["image"]))
+    )
+    return scores, queries
 
 
 def top_pages(
