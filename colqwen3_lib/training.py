@@ -7,7 +7,8 @@ and turns an out-of-memory error into advice (or, with `auto_batch_size`, into a
 - `hf`: `hf_trainer.train_hf`, a `transformers.Trainer` with a contrastive `compute_loss`;
 - `torch`: `loop.train_torch_loop`, a plain loop on `accelerate`, written to be read.
 
-Settings are a `config.TrainConfig`; checkpoints and resuming are in `checkpoints.py`.
+Settings are a `config.TrainConfig`; checkpoints and resuming are in `checkpoints.py`; both trainers run the
+gradient cache (`grad_cache.py`) when `grad_cache_chunk_size` is set; FSDP sharding is in `sharding.py`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .model import HEAD, ColQwen3
 from .oom import TrainingOutOfMemoryError, find_batch_size, is_oom_error, oom_advice
 from .processor import ColQwen3Processor
 from .runs import check_resume, prepare_output_dir, write_record
+from .sharding import check_sharded_trainer, full_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +140,9 @@ def _train_once(
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
     )
+    state_dict = full_state_dict(model)  # under FSDP every process sends its shards; otherwise None
     if is_main_process():
-        model.save_pretrained(config.output_dir)  # the LoRA adapter, or the full model
+        model.save_pretrained(config.output_dir, state_dict=state_dict)  # the LoRA adapter, or the full model
         processor.save_pretrained(config.output_dir)
         write_adapter_files(config.output_dir, model.adapter_files)
     model.eval()
@@ -168,6 +171,7 @@ def train(config: TrainConfig, hook: StepHook | None = None, on_log: LogHook | N
     """
     from accelerate import PartialState
 
+    check_sharded_trainer(config)
     prepare_output_dir(config)
     # Without a GPU, processes started by `accelerate launch`/`torchrun` train together over gloo.
     PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()  # all have checked before any writes
