@@ -6,9 +6,9 @@ import shutil
 import pytest
 from datasets import Dataset, DatasetDict
 
-from colqwen3_lib.benchmarks import BENCHMARKS, benchmark_of, split_revision
+from colqwen3_lib.benchmarks import benchmark_of
 from colqwen3_lib.metrics import MTEB, VIDORE_BENCHMARK
-from colqwen3_lib.synthetic import SYNTHETIC_BEIR_TASKS, SYNTHETIC_TASKS, write_beir_mirror
+from colqwen3_lib.synthetic import SYNTHETIC_TASKS, write_beir_mirror
 from colqwen3_lib.tasks import (
     BEIR,
     BEIR_COLUMNS,
@@ -121,33 +121,6 @@ def test_mteb_reads_a_qa_set_as_its_beir_mirror(qa_dir, tmp_path, qa_dataset):
     mirror = load_task(tmp_path / "tiny_qa_test_beir", protocol=MTEB)
     assert mirror.format == BEIR and (mirror.queries, mirror.query_ids) == (task.queries, task.query_ids)
     assert mirror.qrels == task.qrels and mirror.image_docs == task.image_docs
-
-
-def test_aliases_name_mtebs_pinned_datasets():
-    v1 = expand_datasets(["vidore-v1"])
-    assert (
-        len(v1) == 10 and v1[1] == "mteb/docvqa_test_subsampled_beir@e78cd130055fcb8d69bb0ff4115c4712a157f3d3"
-    )
-    assert [split_revision(spec)[0] for spec in v1] == [
-        f"mteb/{n.split('/')[1]}_beir" for n in VIDORE_V1_TASKS
-    ]
-    assert (
-        len(expand_datasets(["vidore-v2"])) == 4 and len(expand_datasets(["vidore-v3"])) == 8
-    )  # public only
-    assert expand_datasets(["synthetic"]) == list(SYNTHETIC_BEIR_TASKS)
-    assert (
-        BENCHMARKS[MTEB]["vidore-v3"].main_score == "ndcg_at_10"
-        and len(BENCHMARKS[MTEB]["vidore-v3"].private) == 2
-    )
-    assert (
-        benchmark_of(v1[0]).alias == "vidore-v1"
-        and benchmark_of("mteb/tatdqa_test_beir").alias == "vidore-v1"
-    )
-    assert benchmark_of("mteb/tatdqa_test_beir@0123abc") is None  # another revision is not the benchmark's
-    assert benchmark_of("vidore/tatdqa_test", VIDORE_BENCHMARK).alias == "vidore-v1"
-    assert benchmark_of("vidore/tatdqa_test") is None  # under mteb, ViDoRe v1 is the BEIR mirrors
-    with pytest.raises(ValueError, match="unknown evaluation protocol"):
-        expand_datasets(["vidore-v1"], "trec")
 
 
 def test_mtebs_per_language_layout_keeps_each_language_apart(per_language_dir):
