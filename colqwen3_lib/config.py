@@ -232,6 +232,7 @@ class TrainConfig:
             max_visual_tokens=self.max_visual_tokens,
             gradient_checkpointing=self.gradient_checkpointing,
             grad_cache_chunk_size=self.grad_cache_chunk_size,
+            world_size=world_size(),
             attn_implementation=resolve_attn_implementation(self.attn_implementation, device),
             device=device,
         )

@@ -159,6 +159,9 @@ def grad_cache_step(
     if check_loss is not None:
         check_loss(loss)
     loss.backward()
+    loss = (
+        loss.detach()
+    )  # drops the loss's graph, and with it the cached embeddings: only their gradients stay
     cached_grads = {prefix: leaf.grad.split(chunk_size) for prefix, leaf in leaves.items()}
     del leaves, cached
 
@@ -177,7 +180,7 @@ def grad_cache_step(
             # A scalar whose gradient with respect to the embeddings is the cached dL/de of this chunk.
             backward((embeddings * grad).sum())
     after_forward.restore()  # the random state the plain step would leave: the next step draws the same
-    return loss.detach()
+    return loss
 
 
 def sync_control(

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .architectures import SPECIAL_TOKENS, real_config
+from .grad_cache import grad_cache_step
 from .lora import prepare_for_training
 from .losses import ColbertContrastiveLoss
 from .memory import PAGE_PROMPT_TOKENS, TrainingSetup, estimate_memory
@@ -200,7 +201,8 @@ def measure_training_step(setup: TrainingSetup, config=None, steps: int = 2, see
     """Measured peak memory (bytes) of a real ColQwen3 training step, random weights, no download.
 
     Runs `steps` steps (forward of queries and pages, `ColbertContrastiveLoss`, backward, AdamW step,
-    `zero_grad(set_to_none=True)`) and measures the last one, when the optimizer states exist:
+    `zero_grad(set_to_none=True)`; with `setup.grad_cache_chunk_size`, the forward and backward of
+    `grad_cache.grad_cache_step` instead) and measures the last one, when the optimizer states exist:
     `torch.cuda.max_memory_allocated` on CUDA; on the CPU, the bytes resident before the step
     (weights, optimizer states, the batch) plus the allocator's peak during it (`_cpu_peak_bytes`).
 
@@ -223,11 +225,19 @@ def measure_training_step(setup: TrainingSetup, config=None, steps: int = 2, see
     )
 
     def step():
-        query_embeddings = model(**queries)  # (batch, query_tokens, dim)
-        page_embeddings = model(**pages)  # (batch, page_tokens, dim)
-        loss = loss_fn(query_embeddings, page_embeddings)
-        del page_embeddings, query_embeddings
-        loss.backward()
+        if setup.grad_cache_chunk_size:
+            inputs = {
+                **{f"query_{k}": v for k, v in queries.items()},
+                **{f"doc_{k}": v for k, v in pages.items()},
+            }
+            grad_cache_step(model, inputs, loss_fn, setup.grad_cache_chunk_size)
+            del inputs
+        else:
+            query_embeddings = model(**queries)  # (batch, query_tokens, dim)
+            page_embeddings = model(**pages)  # (batch, page_tokens, dim)
+            loss = loss_fn(query_embeddings, page_embeddings)
+            del page_embeddings, query_embeddings
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

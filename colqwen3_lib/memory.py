@@ -17,7 +17,14 @@ Peak = weights + trainable/optimizer + the largest of five moments: the vision t
 `ColQwen3.forward` makes), the end of the pages' forward, the start of backward (all activations
 and the loss's gradient), the end of the text backward (text gradients + the vision tower's
 activations, full fine-tuning only), the optimizer step (all gradients + AdamW temporaries).
-The batch (float32 pixels) is alive throughout.
+The batch (float32 pixels) is alive throughout. With several processes the loss scores each query
+against every process's pages (`world_size` x batch), which grows its similarity block.
+
+With the gradient cache (`grad_cache_chunk_size`, `grad_cache.py`) the moments are those of one chunk:
+the loss over the whole batch (its similarity block, with the batch's embeddings and their gradients);
+a page chunk's vision forward, end of forward and backward, each with the gradients of the chunks
+before it and the cached embedding gradients alive; the optimizer step. The graph-free first pass
+over the chunks holds less than the re-run of one, and is not counted.
 
 Saved for backward, per token and per decoder layer (h hidden, q/k query/key-value widths,
 I MLP width, a bytes per activation element):
@@ -81,6 +88,8 @@ class TrainingSetup:
         device: `cuda` or `cpu` (dropout masks are bytes on CUDA, floats on CPU; AdamW's foreach
             temporaries only on CUDA).
         embedding_dim: Size of the multi-vector embeddings.
+        world_size: Processes training together: every query is scored against the pages of all of them
+            (gathered), so the loss's similarity block grows with it.
     """
 
     model_size: str | None = "2b"
@@ -97,6 +106,7 @@ class TrainingSetup:
     attn_implementation: str = "flash_attention_2"
     device: str = "cuda"
     embedding_dim: int = EMBEDDING_DIM
+    world_size: int = 1
 
     def __post_init__(self):
         if self.dtype not in _DTYPE_BYTES:
@@ -111,7 +121,7 @@ class TrainingSetup:
             raise ValueError(f"model_size={self.model_size!r} is not one of {MODEL_SIZES} (or None)")
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device={self.device!r} must be 'cuda' or 'cpu'")
-        for name in ("batch_size", "max_visual_tokens", "query_len", "lora_rank"):
+        for name in ("batch_size", "max_visual_tokens", "query_len", "lora_rank", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size < 1:
@@ -195,7 +205,8 @@ class MemoryEstimate:
 
     `weights + trainable + gradients + activations + workspace == total`; the last three are what
     is alive at `peak_phase` (`vision forward`, `pages forward`, `backward`, `vision backward` or
-    `optimizer step`); `phases` gives the total at each of them.
+    `optimizer step`; with the gradient cache `loss`, `chunk vision forward`, `chunk forward`, `chunk
+    backward`, `chunk vision backward` or `optimizer step`); `phases` gives the total at each of them.
     """
 
     setup: TrainingSetup
@@ -228,7 +239,10 @@ class MemoryEstimate:
         ckpt = "with" if s.gradient_checkpointing else "without"
         lines = [
             f"ColQwen3-{s.model_size} {s.dtype}, {mode}, batch {s.batch_size}, {s.max_visual_tokens} visual tokens, "
-            f"{s.attn_implementation}, {ckpt} gradient checkpointing (peak at {self.peak_phase}):"
+            f"{s.attn_implementation}, {ckpt} gradient checkpointing"
+            + (f", gradient cache in chunks of {s.grad_cache_chunk_size}" if s.grad_cache_chunk_size else "")
+            + (f", pages of {s.world_size} processes" if s.world_size > 1 else "")
+            + f" (peak at {self.peak_phase}):"
         ]
         labels = {"trainable": "trainable + optimizer"}
         lines += [f"  {labels.get(k, k):<22} {v:8.2f} GiB" for k, v in self.breakdown().items()]
@@ -411,8 +425,10 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
     trainable = trainable_bytes * (1 + n_states)
     all_gradients = trainable_bytes
 
-    # Text activations: queries and pages are two forward passes, both kept for the loss.
+    # Text activations: queries and pages are two forward passes, both kept for the loss. With the gradient
+    # cache, a forward pass with a graph holds one chunk of rows; the loss still sees the whole batch.
     b = setup.batch_size
+    rows = min(setup.grad_cache_chunk_size or b, b)  # rows per forward pass that keeps its activations
     seq_p = setup.max_visual_tokens + PAGE_PROMPT_TOKENS
     seq_q = setup.query_len + N_QUERY_AUGMENTATION_TOKENS
     layer = _text_layer_bytes(s, setup)
@@ -420,24 +436,28 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
 
     def text(seq: int) -> int:
         kept = a * s.hidden if setup.gradient_checkpointing else per_layer[seq]
-        return b * seq * (s.layers * kept + _text_extra_bytes(s, setup, seq))
+        return rows * seq * (s.layers * kept + _text_extra_bytes(s, setup, seq))
 
     text_q, text_p = text(seq_q), text(seq_p)
-    loss = b * b * seq_q * seq_p * a  # the (queries x pages) similarity block amax keeps for backward
+    pages = setup.world_size * b  # every process's pages, gathered
+    loss = b * pages * seq_q * seq_p * a  # the (queries x pages) similarity block amax keeps for backward
+    gathered = pages * seq_p * setup.embedding_dim * a if setup.world_size > 1 else 0
 
-    # Pages' pixels: the processor's float32 batch, and the unpadded copy ColQwen3.forward makes.
-    patches = b * setup.max_visual_tokens * PATCHES_PER_VISUAL_TOKEN
-    pixels = patches * s.v_patch_dim * _FP32
+    # Pages' pixels: the processor's float32 batch (all pages), and the unpadded copy ColQwen3.forward makes
+    # of the pages it embeds.
+    patches_per_page = setup.max_visual_tokens * PATCHES_PER_VISUAL_TOKEN
+    pixels = b * patches_per_page * s.v_patch_dim * _FP32
+    patches = rows * patches_per_page
     # Full fine-tuning in float32 saves that copy itself for the patch embedding's weight gradient.
-    pixel_copy = 0 if not setup.lora and not cast else pixels
+    pixel_copy = 0 if not setup.lora and not cast else patches * s.v_patch_dim * _FP32
     kept, outside, block, transient = _vision_bytes_per_patch(s, setup)
     vision_saved = 0 if setup.lora else patches * (kept + outside + s.v_patch_dim * (cast or a))
     vision_ws = patches * transient
 
     # Backward workspace: one layer's gradient buffers, plus its recomputation under checkpointing.
-    text_ws = b * seq_p * a * 2 * (s.hidden + s.intermediate)
+    text_ws = rows * seq_p * a * 2 * (s.hidden + s.intermediate)
     if setup.gradient_checkpointing:
-        text_ws += b * seq_p * per_layer[seq_p]
+        text_ws += rows * seq_p * per_layer[seq_p]
     vision_bwd_ws = 0
     if not setup.lora:
         vision_bwd_ws = patches * a * 2 * (s.v_hidden + s.v_intermediate)
@@ -450,15 +470,30 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
         optimizer_ws = 2 * largest_trainable  # one parameter at a time: sqrt, then its quotient
 
     # (gradients, activations, workspace) alive at each moment of the step.
-    activations = text_q + text_p + pixels + loss + vision_saved
-    moments = {
-        "vision forward": (0, text_q + pixels + vision_saved, pixel_copy + vision_ws),
-        "pages forward": (0, text_q + text_p + pixels + vision_saved, pixel_copy),
-        "backward": (0, activations, max(2 * loss, text_ws)),
-        "optimizer step": (all_gradients, pixels, optimizer_ws),  # the batch is still referenced
-    }
-    if not setup.lora:  # the vision tower's backward runs after the text layers'
-        moments["vision backward"] = (text_grads, pixels + vision_saved, vision_bwd_ws)
+    if setup.grad_cache_chunk_size is None:
+        activations = text_q + text_p + pixels + loss + gathered + vision_saved
+        moments = {
+            "vision forward": (0, text_q + pixels + vision_saved, pixel_copy + vision_ws),
+            "pages forward": (0, text_q + text_p + pixels + vision_saved, pixel_copy),
+            "backward": (0, activations, max(2 * loss, text_ws)),
+            "optimizer step": (all_gradients, pixels, optimizer_ws),  # the batch is still referenced
+        }
+        if not setup.lora:  # the vision tower's backward runs after the text layers'
+            moments["vision backward"] = (text_grads, pixels + vision_saved, vision_bwd_ws)
+    else:
+        # The gradient cache: the whole batch's embeddings (then, as large, their gradients) stay alive; the
+        # loss runs on them; then one page chunk at a time re-runs with a graph while the parameter gradients
+        # of the chunks before it add up. Its first, graph-free pass holds less than the re-run of a chunk.
+        cache = b * (seq_q + seq_p) * setup.embedding_dim * a
+        moments = {
+            "loss": (0, pixels + cache + loss + gathered, 2 * loss + cache),
+            "chunk vision forward": (all_gradients, pixels + cache + vision_saved, pixel_copy + vision_ws),
+            "chunk forward": (all_gradients, pixels + cache + text_p + vision_saved, pixel_copy),
+            "chunk backward": (all_gradients, pixels + cache + text_p + vision_saved, text_ws),
+            "optimizer step": (all_gradients, pixels, optimizer_ws),
+        }
+        if not setup.lora:
+            moments["chunk vision backward"] = (all_gradients, pixels + cache + vision_saved, vision_bwd_ws)
     totals = {name: sum(parts) for name, parts in moments.items()}
     phase = max(totals, key=totals.get)
     gradients, alive, workspace = moments[phase]

@@ -1,7 +1,8 @@
 """When training does not fit: settings that fit a memory budget, and one out-of-memory path.
 
 - `suggest_settings` / `recommended_verdicts`: the largest per-device batch that the estimator
-  (`memory.py`) says fits a device, with the accumulation that keeps the effective batch.
+  (`memory.py`) says fits a device, with the accumulation that keeps the effective batch, and the
+  gradient-cache chunk that fits the whole batch instead (`largest_chunk_size`: every negative kept).
 - `is_oom_error`, `find_batch_size` (shrink the batch after each out-of-memory error until a step
   runs: the training CLI's `--auto-batch-size` uses it) and `oom_advice` (what to change next, most
   effective first: the training CLI's error message, the doctor and notebook 05 all print it).
@@ -26,6 +27,7 @@ from .reference import RECOMMENDED_BATCHES
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+HEADROOM = 0.9  # share of a device's memory an estimate may use (CUDA context, allocator fragmentation)
 
 
 class TrainingOutOfMemoryError(RuntimeError):
@@ -42,6 +44,7 @@ class Suggestion:
     estimate: MemoryEstimate | None
     fits: bool
     note: str
+    grad_cache_chunk_size: int | None = None  # when the batch needs accumulation: a chunk that fits it whole
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "estimate"}
@@ -66,6 +69,21 @@ def largest_batch_size(
     return low
 
 
+def largest_chunk_size(memory_bytes: float, setup: TrainingSetup | None = None, **overrides) -> int:
+    """The largest gradient-cache chunk (at most the batch) whose estimated peak stays under `memory_bytes` (0 if none)."""
+    setup = replace(setup or TrainingSetup(), **overrides)
+    if estimate_memory(setup, grad_cache_chunk_size=1).total > memory_bytes:
+        return 0
+    low, high = 1, setup.batch_size
+    while low < high:  # peak grows with the chunk: bisect
+        mid = (low + high + 1) // 2
+        if estimate_memory(setup, grad_cache_chunk_size=mid).total <= memory_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
 def gradient_accumulation_steps(
     effective_batch_size: int, per_device_batch_size: int, num_devices: int = 1
 ) -> int:
@@ -80,13 +98,14 @@ def suggest_settings(
     setup: TrainingSetup | None = None,
     effective_batch_size: int | None = None,
     num_devices: int = 1,
-    headroom: float = 0.9,
+    headroom: float = HEADROOM,
     **overrides,
 ) -> Suggestion:
     """The largest per-device batch that fits `memory_gib`, and the accumulation keeping the effective batch.
 
     In-batch negatives come from the per-device batch, so a smaller batch with accumulation trains
-    a (slightly) different objective than the recommended one; the note says so.
+    a (slightly) different objective than the recommended one; the note says so, and names the
+    gradient-cache chunk that keeps the whole batch (`grad_cache_chunk_size`) when one fits.
 
     Args:
         memory_gib: Memory of one device (e.g. 80 for an H100 80GB).
@@ -115,6 +134,7 @@ def suggest_settings(
         batch = divisor  # e.g. 32 x 2 rather than 63 x 2: the effective batch stays exactly as wanted
     steps = gradient_accumulation_steps(wanted, batch, num_devices)
     estimate = estimate_memory(setup, batch_size=batch)
+    chunk = None
     if batch >= setup.batch_size:
         note = "fits"
     else:
@@ -123,7 +143,17 @@ def suggest_settings(
             + (f" x {num_devices} devices" if num_devices > 1 else "")
             + f" for an effective {batch * steps * num_devices} (in-batch negatives: {batch} per step)"
         )
-    return Suggestion(batch, steps, batch * steps * num_devices, estimate, True, note)
+        if setup.grad_cache_chunk_size is None:
+            chunk = (
+                min(largest_chunk_size(budget, setup), setup.batch_size // 2) or None
+            )  # a chunk, not the batch
+        if chunk:
+            cached = estimate_memory(setup, grad_cache_chunk_size=chunk)
+            note += (
+                f"; or keep all {setup.batch_size} negatives per step with --grad-cache-chunk-size {chunk} "
+                f"(~{cached.total_gib:.1f} GiB, about one more forward pass per step)"
+            )
+    return Suggestion(batch, steps, batch * steps * num_devices, estimate, True, note, chunk)
 
 
 def recommended_verdicts(memory_gib: float | None, **overrides) -> list[dict]:
@@ -284,6 +314,17 @@ def oom_advice(
                 "than assumed, fragmentation: try PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)."
             )
     tries = []
+    chunk = setup.grad_cache_chunk_size
+    if batch > 1 and (chunk is None or chunk > 1):
+        fitting = None
+        if setup.model_size is not None and memory_gib is not None:
+            fitting = largest_chunk_size(memory_gib * GIB * HEADROOM, setup)
+        default = max(1, batch // 4) if chunk is None else max(1, chunk // 2)
+        new_chunk = fitting if fitting and fitting < (chunk or batch) else default
+        tries.append(
+            f"--grad-cache-chunk-size {new_chunk} (the gradient cache: the same batch and every in-batch negative, "
+            "one chunk's activations at a time, about one more forward pass per step)"
+        )
     if batch > 1 and smaller >= 1:
         tries.append(
             f"--per-device-train-batch-size {smaller} --gradient-accumulation-steps {smaller_accum} "

@@ -141,3 +141,52 @@ def test_invalid_settings_are_refused():
         TrainingSetup(batch_size=0)
     with pytest.raises(ValueError, match="model_size='70b' is not one of"):
         estimate_memory(model_size="70b")
+
+
+# ---------------------------------------------------------------- the gradient cache and several processes
+
+
+@pytest.mark.parametrize("size", ["2b", "8b"])
+@pytest.mark.parametrize("lora", [True, False])
+def test_the_gradient_cache_peak_is_set_by_the_chunk_not_the_batch(size, lora):
+    setup = TrainingSetup(model_size=size, lora=lora, batch_size=64)
+    chunks = [estimate_memory(setup, grad_cache_chunk_size=c) for c in (1, 4, 16, 32)]
+    assert [e.total for e in chunks] == sorted(e.total for e in chunks)
+    assert chunks[1].total < estimate_memory(setup).total
+    assert all(e.peak_phase in ("loss", "chunk forward", "chunk backward", "optimizer step") for e in chunks)
+    # The batch still counts, through the cached embeddings and the loss: more pages, more memory at chunk 4.
+    larger = estimate_memory(setup, batch_size=256, grad_cache_chunk_size=4)
+    assert larger.total > chunks[1].total
+    # One chunk of the whole batch needs what the plain step needs, plus (full fine-tuning) the gradients that
+    # the queries' chunk has accumulated by the time the pages run.
+    whole, plain = estimate_memory(setup, grad_cache_chunk_size=64), estimate_memory(setup)
+    assert whole.total <= plain.total * 1.01 + (0 if lora else plain.all_gradients)
+
+
+def test_the_gradient_cache_holds_the_whole_batch_loss_and_embeddings():
+    """At chunk 1 the loss's similarity block (queries x pages of the whole batch) and the embeddings dominate
+    what changes with the batch; they are counted exactly."""
+    setup = TrainingSetup(model_size="2b", batch_size=64, grad_cache_chunk_size=1)
+    at_loss = estimate_memory(setup).phases["loss"]
+    doubled = estimate_memory(setup, batch_size=128).phases["loss"]
+    a, seq_q, seq_p, dim = 2, 30, 788, 128
+    block = lambda b: b * b * seq_q * seq_p * a  # noqa: E731
+    cache = lambda b: b * (seq_q + seq_p) * dim * a  # noqa: E731
+    pixels = lambda b: b * 768 * 4 * 1536 * 4  # noqa: E731
+    grown = 3 * (block(128) - block(64)) + 2 * (cache(128) - cache(64)) + pixels(128) - pixels(64)
+    assert doubled - at_loss == grown
+
+
+def test_more_processes_mean_a_larger_similarity_block():
+    one = estimate_memory(model_size="2b", batch_size=64, grad_cache_chunk_size=8)
+    eight = estimate_memory(model_size="2b", batch_size=64, grad_cache_chunk_size=8, world_size=8)
+    a, seq_q, seq_p, dim = 2, 30, 788, 128
+    block_growth = 64 * (8 - 1) * 64 * seq_q * seq_p * a  # 64 queries against 7 more processes' 64 pages
+    gathered = 8 * 64 * seq_p * dim * a
+    assert eight.phases["loss"] - one.phases["loss"] == 3 * block_growth + gathered
+    assert eight.peak_phase == "loss"  # at 8 processes the loss, not the chunk, sets the peak
+    assert estimate_memory(model_size="2b", world_size=8).total > estimate_memory(model_size="2b").total
+    with pytest.raises(ValueError, match="world_size"):
+        TrainingSetup(world_size=0)
+    with pytest.raises(ValueError, match="grad_cache_chunk_size must be at least 1"):
+        TrainingSetup(grad_cache_chunk_size=0)

@@ -128,3 +128,34 @@ def test_out_of_memory_advice_for_the_reference_settings(tmp_path, monkeypatch):
     assert "--per-device-train-batch-size 32 --gradient-accumulation-steps 2" in message
     assert "--max-visual-tokens 512" in message and "--peft" in message
     assert "No checkpoint was written yet" in message
+
+
+# ---------------------------------------------------------------- the gradient cache
+
+
+def test_a_batch_that_needs_accumulation_can_keep_its_negatives_with_the_gradient_cache():
+    setup = TrainingSetup(model_size="8b", batch_size=64)
+    budget = 40 * GIB * oom.HEADROOM
+    suggestion = oom.suggest_settings(40, setup)
+    assert suggestion.batch_size < 64 and suggestion.grad_cache_chunk_size is not None
+    chunk = suggestion.grad_cache_chunk_size
+    largest = oom.largest_chunk_size(budget, setup)
+    assert chunk == min(largest, 32)  # a chunk of at most half the batch
+    assert estimate_memory(setup, grad_cache_chunk_size=chunk).total <= budget
+    assert estimate_memory(setup, grad_cache_chunk_size=largest + 1).total > budget
+    assert f"keep all 64 negatives per step with --grad-cache-chunk-size {chunk}" in suggestion.note
+    assert suggestion.as_dict()["grad_cache_chunk_size"] == chunk
+    assert oom.suggest_settings(1000, setup).grad_cache_chunk_size is None  # it fits: nothing to add
+    assert oom.largest_chunk_size(1 * GIB, setup) == 0
+
+
+def test_out_of_memory_advice_offers_the_gradient_cache_first_and_a_smaller_chunk_once_on():
+    setup = TrainingSetup(model_size="8b", batch_size=64)
+    chunk = oom.largest_chunk_size(24 * GIB * oom.HEADROOM, setup)
+    tries = oom.oom_advice(setup, memory_gib=24).split("Try, in this order: ")[1]
+    assert tries.startswith(f"--grad-cache-chunk-size {chunk} (the gradient cache")
+    assert "--per-device-train-batch-size" in tries  # accumulation stays on the list
+    on = oom.oom_advice(replace(setup, grad_cache_chunk_size=32), memory_gib=24)
+    assert f"--grad-cache-chunk-size {chunk} " in on and chunk < 32
+    unknown = oom.oom_advice(TrainingSetup(model_size=None, batch_size=64, grad_cache_chunk_size=16))
+    assert "--grad-cache-chunk-size 8 " in unknown  # no estimate: half the chunk
