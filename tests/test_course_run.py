@@ -72,6 +72,10 @@ def test_oom_notebook_estimates_within_tolerance(course):
     metrics = course[1]["05_troubleshooting_oom"]["metrics"]
     assert metrics["max_abs_error"] <= 0.25
     assert metrics["finder_batch_size"] <= 24  # the simulated device fails above 24
+    # The gradient cache: the same batch in less memory, measured and predicted.
+    assert metrics["grad_cache_predicted_gib"] < metrics["predicted_gib"]
+    assert metrics["grad_cache_measured_mib"] < metrics["no_cache_measured_mib"]
+    assert metrics["grad_cache_max_abs_error"] <= 0.1
 
 
 # Output a learner should never see in an executed notebook: warnings, errors, tracebacks, raw log lines.
