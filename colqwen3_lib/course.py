@@ -103,6 +103,9 @@ WIDGET_NOTE = (
 # The kernel's own log (its "running over TCP" notice, "KeyboardInterrupt caught in kernel" at shutdown) is not
 # the learner's business; errors still show.
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+# No cell of the tiny course runs a minute on a laptop: a cell still running after 10 minutes is stuck (a lost
+# kernel message), and the run stops with its name instead of waiting for ever. Real models get no limit.
+TINY_CELL_TIMEOUT_S = 600
 
 
 def render_html(executed: Path, target: Path) -> None:
@@ -277,11 +280,15 @@ def run_course(
                 cwd=str(notebooks_dir),
                 progress_bar=progress,
                 extra_arguments=KERNEL_ARGUMENTS,
+                execution_timeout=TINY_CELL_TIMEOUT_S if profile == "tiny" else None,
             )
             status, error = "ok", None
         except PapermillExecutionError as err:
             status = "failed"
             error = f"{name} failed in cell {err.exec_count} (cell index {err.cell_index}): {err.ename}: {err.evalue}"
+        except TimeoutError as err:  # nbclient's CellTimeoutError
+            status = "failed"
+            error = f"{name} stopped: a cell ran past {TINY_CELL_TIMEOUT_S} s ({err})"
         seconds = time.perf_counter() - start
         metrics_file = work_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() and status == "ok" else {}
