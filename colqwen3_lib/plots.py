@@ -229,6 +229,8 @@ def plot_memory_breakdown(estimates: dict[str, object], limit_gib: float | None 
         values = np.array([estimates[label].breakdown()[part] for label in labels])
         ax.bar(labels, values, bottom=bottom, label="trainable + optimizer" if part == "trainable" else part)
         bottom += values
+    for x, total in enumerate(bottom):  # each bar's total on top of it
+        ax.annotate(f"{total:.1f}", (x, total), ha="center", va="bottom", fontsize=8)
     if limit_gib:
         ax.axhline(limit_gib, color="red", ls="--", lw=1, label=f"{limit_gib:.0f} GiB GPU")
     ax.set_ylabel("predicted peak memory (GiB)")
@@ -281,8 +283,9 @@ def plot_memory_grid(
     for tokens, row in zip(visual_tokens, totals_gib):
         ax.plot(batch_sizes, row, marker="o", label=f"{tokens} visual tokens")
     ax.axhline(limit_gib, color="red", ls="--", lw=1, label=f"{limit_gib:.0f} GiB GPU")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    ax.set_xticks(
+        batch_sizes, [str(b) for b in batch_sizes]
+    )  # a linear axis: memory grows linearly with both
     ax.set_xlabel("per-device batch size")
     ax.set_ylabel("predicted peak memory (GiB)")
     ax.set_title("Batch size x visual tokens")
