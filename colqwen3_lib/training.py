@@ -74,6 +74,7 @@ def build_model(config: TrainConfig) -> tuple[torch.nn.Module, ColQwen3Processor
     model = ColQwen3.from_pretrained(
         config.base_model_path,
         dim=config.dim,
+        warn_new_head=False,  # a new head is what training is about to train
         attn_implementation=config.attn_implementation,
         dtype=torch.bfloat16 if config.bf16_enabled else torch.float32,
         device_map={"": device} if device.type == "cuda" else None,
