@@ -39,6 +39,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/bench_scoring.py
 	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_grad_cache.py
 	$(BIN)/python benchmarks/bench_memory.py --quick
 
 clean:

@@ -87,7 +87,6 @@ def split_rows(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str
     ]
 
 
-@torch.no_grad()
 def embed_in_chunks(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
 ) -> tuple[torch.Tensor, list[RandomState]]:
@@ -96,8 +95,15 @@ def embed_in_chunks(
     Returns:
         The (batch, tokens, dim) embeddings and, per chunk, the random state its forward started from.
     """
+    return _embed_without_graph(model, split_rows(batch, chunk_size))
+
+
+@torch.no_grad()
+def _embed_without_graph(
+    model: torch.nn.Module, chunks: list[dict]
+) -> tuple[torch.Tensor, list[RandomState]]:
     states, parts = [], []
-    for chunk in split_rows(batch, chunk_size):
+    for chunk in chunks:
         states.append(RandomState.capture())
         parts.append(model(**chunk))  # (chunk, tokens, dim)
     return torch.cat(parts), states
@@ -150,7 +156,7 @@ def grad_cache_step(
     # 1. Embed every chunk without a graph, remembering the random state each one started from.
     cached, states = {}, {}
     for prefix in present:
-        cached[prefix], states[prefix] = embed_in_chunks(model, sub_batch(inputs, prefix), chunk_size)
+        cached[prefix], states[prefix] = _embed_without_graph(model, chunks[prefix])
     after_forward = RandomState.capture()
 
     # 2. The loss over the whole batch, back-propagated to the embeddings only (no parameter is in this graph).
@@ -159,9 +165,8 @@ def grad_cache_step(
     if check_loss is not None:
         check_loss(loss)
     loss.backward()
-    loss = (
-        loss.detach()
-    )  # drops the loss's graph, and with it the cached embeddings: only their gradients stay
+    # Dropping the loss's graph frees the cached embeddings: only their gradients stay.
+    loss = loss.detach()
     cached_grads = {prefix: leaf.grad.split(chunk_size) for prefix, leaf in leaves.items()}
     del leaves, cached
 
