@@ -11,7 +11,10 @@ runs in float32; LoRA's B matrices start random (at their zero init, LoRA dropou
 
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -340,3 +343,50 @@ def test_a_resume_may_change_the_chunk_size_and_continues_to_the_same_weights(tm
     expected, got = _adapter(tmp_path / "whole"), _adapter(run)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.skipif(
+    shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None, reason="no accelerate"
+)
+@pytest.mark.parametrize("trainer", ["hf", "torch"])
+def test_accelerate_launch_with_the_cache_trains_as_without(tmp_path, trainer):
+    """`accelerate launch` with two gloo processes (DDP), 4 pages each, 2 accumulation steps, LoRA dropout on.
+
+    One chunk per process's batch: its dropout masks are those of the step without the cache, so the two runs
+    must end on the same adapter, through each trainer's own step, loss scaling and `no_sync`.
+    """
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "colqwen3_lib.train"]
+    run = ["--base-model-path", "tiny", "--peft", "--trainer", trainer, "--max-visual-tokens", "16"]
+    run += ["--per-device-train-batch-size", "4", "--gradient-accumulation-steps", "2", "--max-steps", "3"]
+    run += ["--save-steps", "10", "--warmup-steps", "1", "--eval-dataset", "none", "--num-threads", "1"]
+    run += ["--lr", "2e-4"]  # the reference's: at the tiny run's 5e-3 AdamW magnifies float rounding (above)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for name, extra in (("plain", []), ("cached", ["--grad-cache-chunk-size", "4"])):
+        command = [*launch, "--output-dir", str(tmp_path / name), *run, *extra]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    recorded = json.loads((tmp_path / "cached" / "training_config.json").read_text())
+    assert recorded["world_size"] == 2 and recorded["grad_cache_chunk_size"] == 4
+    losses = [
+        [e["loss"] for e in json.loads((tmp_path / n / "metrics.json").read_text())["train"]]
+        for n in ("plain", "cached")
+    ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    expected, got = _adapter(tmp_path / "plain"), _adapter(tmp_path / "cached")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_the_chunk_size_is_a_checked_setting_that_a_resume_may_change(tmp_path):
+    from colqwen3_lib.config import TrainConfig
+    from colqwen3_lib.runs import MUST_MATCH
+    from colqwen3_lib.train import config_from_args
+
+    config = config_from_args(["--output-dir", str(tmp_path), "--grad-cache-chunk-size", "8"])
+    assert config.grad_cache_chunk_size == 8 and config.memory_setup().grad_cache_chunk_size == 8
+    assert config_from_args(["--output-dir", str(tmp_path)]).grad_cache_chunk_size is None  # off by default
+    with pytest.raises(ValueError, match="--grad-cache-chunk-size must be at least 1, got 0"):
+        TrainConfig(output_dir=str(tmp_path), grad_cache_chunk_size=0)
+    assert "grad_cache_chunk_size" not in MUST_MATCH  # it does not change what is trained
