@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import re
 import sys
+import tempfile
 import time
 from html import escape
 from pathlib import Path
@@ -103,6 +105,25 @@ WIDGET_NOTE = (
 # The kernel's own log (its "running over TCP" notice, "KeyboardInterrupt caught in kernel" at shutdown) is not
 # the learner's business; errors still show.
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+
+
+def _ipc_kernel_manager():
+    """A kernel manager whose kernels talk over Unix sockets in a private folder, not TCP ports: no other process
+    can take a port from under a running course (a lost message hangs a cell), and no "running over TCP" notice.
+    None (papermill's default, TCP) on Windows, which has no Unix sockets."""
+    if os.name == "nt":
+        return None
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = str(Path(tempfile.mkdtemp(prefix="colqwen3-kernel-")) / "kernel")
+
+    return IPCKernelManager
+
+
 # No cell of the tiny course runs a minute on a laptop: a cell still running after 10 minutes is stuck (a lost
 # kernel message), and the run stops with its name instead of waiting for ever. Real models get no limit.
 TINY_CELL_TIMEOUT_S = 600
@@ -260,6 +281,7 @@ def run_course(
     if "adapter_path" in earlier.get("03_lora_training", {}).get("metrics", {}):
         shared.setdefault("ADAPTER_PATH", earlier["03_lora_training"]["metrics"]["adapter_path"])
     rows: list[dict] = []
+    kernel_manager = _ipc_kernel_manager()
     for position, name in enumerate(names, 1):
         source = notebooks_dir / f"{name}.ipynb"
         work_dir = output_dir / name
@@ -281,6 +303,7 @@ def run_course(
                 progress_bar=progress,
                 extra_arguments=KERNEL_ARGUMENTS,
                 execution_timeout=TINY_CELL_TIMEOUT_S if profile == "tiny" else None,
+                **({"kernel_manager_class": kernel_manager} if kernel_manager else {}),
             )
             status, error = "ok", None
         except PapermillExecutionError as err:
