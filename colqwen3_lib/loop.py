@@ -2,7 +2,8 @@
 
 It trains exactly as the HF trainer (`hf_trainer.py`) does: the same data, loss, optimizer groups,
 linear schedule with warm-up, gradient clipping, accumulation, logging, evaluation and checkpoints,
-so that either can resume the other's settings and their results agree.
+so that either can resume the other's settings and their results agree. With `grad_cache_chunk_size`,
+each step's forward and backward are the gradient cache's (`grad_cache.grad_cache_step`).
 """
 
 from __future__ import annotations

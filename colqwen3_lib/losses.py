@@ -12,7 +12,8 @@ softplus((score(q, hard negative) - score(q, positive)) / tau) is blended with t
 
 In multi-process training, pass the pages of every process (`gather_with_grad`) and the position
 of this process's first query among them (`offset = rank * local batch`); `contrastive_loss` does
-this for a collated training batch (`query_*`, `doc_*` and optional `neg_doc_*` keys).
+this for a collated training batch (`query_*`, `doc_*` and optional `neg_doc_*` keys), through
+`loss_over_processes`, which the gradient cache (`grad_cache.py`) calls on embeddings it computed itself.
 """
 
 from __future__ import annotations

@@ -324,8 +324,11 @@ def test_training_with_the_cache_gives_the_weights_of_training_without(tmp_path,
     assert recorded["grad_cache_chunk_size"] == CHUNK
 
 
-def test_a_resume_may_change_the_chunk_size_and_continues_to_the_same_weights(tmp_path, small_config):
-    settings = dict(trainer="torch", lora_dropout=0.0, lr=2e-4, max_steps=4, save_steps=2)
+@pytest.mark.parametrize("trainer", ["hf", "torch"])
+def test_a_resume_may_change_the_chunk_size_and_continues_to_the_same_weights(
+    tmp_path, small_config, trainer
+):
+    settings = dict(trainer=trainer, lora_dropout=0.0, lr=2e-4, max_steps=4, save_steps=2)
     train(small_config(tmp_path / "whole", grad_cache_chunk_size=CHUNK, **settings))
     run = tmp_path / "interrupted"
 
