@@ -225,6 +225,7 @@ def find_batch_size(
     min_batch_size: int = 1,
     factor: float = 0.5,
     advice: Callable[[int], str] | None = None,
+    what: str = "batch size",
 ) -> tuple[int, T]:
     """Call `fn(batch_size)`, shrinking the batch after each out-of-memory error until it runs.
 
@@ -240,6 +241,7 @@ def find_batch_size(
         factor: Multiplier applied after each failure (0.5 halves it).
         advice: The error message when even `min_batch_size` fails, given that batch size
             (default: `oom_advice` for the reference setup at that batch).
+        what: What the size is, for the log (`batch size`; training with the gradient cache shrinks the chunk).
 
     Returns:
         (the batch size that ran, what `fn` returned).
@@ -266,7 +268,7 @@ def find_batch_size(
                 )
                 raise TrainingOutOfMemoryError(message) from None
             smaller = max(min_batch_size, int(batch_size * factor))
-            logger.warning(f"out of memory at batch size {batch_size}; retrying with {smaller}")
+            logger.warning(f"out of memory at {what} {batch_size}; retrying with {smaller}")
             batch_size = smaller
 
 

@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--auto-batch-size",
         action="store_true",
         default=None,
-        help="on out-of-memory, halve the per-device batch and double gradient accumulation (same effective batch), then retry",
+        help="on out-of-memory, halve the per-device batch and double gradient accumulation (same effective batch), then "
+        "retry; with --grad-cache-chunk-size, halve the chunk instead (the same batch and in-batch negatives)",
     )
     return parser
 

@@ -197,15 +197,23 @@ def _train_shrinking_on_oom(
     config: TrainConfig, resume: Path | None, changes: dict, started_with: Path | None, hook, on_log
 ) -> TrainResult:
     """`_train_once` under `oom.find_batch_size`: with `auto_batch_size`, an out-of-memory error before the
-    first checkpoint retries with half the batch and twice the accumulation (the same effective batch)."""
+    first checkpoint retries with half the batch and twice the accumulation (the same effective batch), or
+    with the gradient cache on, with half its chunk (the same batch, and so the same in-batch negatives)."""
     first_batch = config.per_device_train_batch_size
+    first_chunk = config.grad_cache_chunk_size
+    first_size = min(first_chunk, first_batch) if first_chunk else first_batch
 
-    def attempt(batch: int) -> TrainResult:
-        run = dataclasses.replace(
+    def settings(size: int) -> TrainConfig:
+        if first_chunk:
+            return dataclasses.replace(config, grad_cache_chunk_size=size)
+        return dataclasses.replace(
             config,
-            per_device_train_batch_size=batch,
-            gradient_accumulation_steps=config.gradient_accumulation_steps * (first_batch // batch),
+            per_device_train_batch_size=size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps * (first_batch // size),
         )
+
+    def attempt(size: int) -> TrainResult:
+        run = settings(size)
         if is_main_process():
             write_record(run, resume, changes)
         try:
@@ -236,16 +244,20 @@ def _train_shrinking_on_oom(
         except Exception as err:
             last = latest_checkpoint(run.output_dir)
             if is_oom_error(err) and last != started_with:  # it trained a while: retrying would lose that
-                raise TrainingOutOfMemoryError(advice(batch, last)) from err
+                raise TrainingOutOfMemoryError(advice(size, last)) from err
             raise
 
-    def advice(batch: int, checkpoint: Path | None = None) -> str:
-        setup = dataclasses.replace(config.memory_setup(), batch_size=batch)
-        accumulation = config.gradient_accumulation_steps * (first_batch // batch)
-        return oom_advice(setup, accumulation, checkpoint=checkpoint or latest_checkpoint(config.output_dir))
+    def advice(size: int, checkpoint: Path | None = None) -> str:
+        run = settings(size)
+        return oom_advice(
+            run.memory_setup(),
+            run.gradient_accumulation_steps,
+            checkpoint=checkpoint or latest_checkpoint(config.output_dir),
+        )
 
-    smallest = 1 if config.auto_batch_size and resume is None else first_batch
-    _, result = find_batch_size(attempt, first_batch, min_batch_size=smallest, advice=advice)
+    smallest = 1 if config.auto_batch_size and resume is None else first_size
+    what = "gradient-cache chunk size" if first_chunk else "batch size"
+    _, result = find_batch_size(attempt, first_size, min_batch_size=smallest, advice=advice, what=what)
     return result
 
 

@@ -393,3 +393,27 @@ def test_the_chunk_size_is_a_checked_setting_that_a_resume_may_change(tmp_path):
     with pytest.raises(ValueError, match="--grad-cache-chunk-size must be at least 1, got 0"):
         TrainConfig(output_dir=str(tmp_path), grad_cache_chunk_size=0)
     assert "grad_cache_chunk_size" not in MUST_MATCH  # it does not change what is trained
+
+
+def test_auto_batch_size_halves_the_chunk_and_keeps_the_batch(tmp_path, monkeypatch, small_config, caplog):
+    """With the cache on, an out-of-memory error shrinks the chunk: the batch, and its negatives, stay."""
+    from colqwen3_lib import loop
+    from colqwen3_lib.oom import TrainingOutOfMemoryError
+
+    real = loop.grad_cache_step
+
+    def out_of_memory_above_2(model, inputs, loss_fn, chunk_size, *args, **kwargs):
+        if chunk_size > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return real(model, inputs, loss_fn, chunk_size, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "grad_cache_step", out_of_memory_above_2)
+    settings = dict(trainer="torch", grad_cache_chunk_size=8, max_steps=2)
+    with pytest.raises(TrainingOutOfMemoryError, match="Try, in this order: --grad-cache-chunk-size 4 "):
+        train(small_config(tmp_path / "plain", **settings))
+    with caplog.at_level("WARNING", logger="colqwen3_lib.oom"):
+        train(small_config(tmp_path / "auto", auto_batch_size=True, **settings))
+    assert "out of memory at gradient-cache chunk size 8; retrying with 4" in caplog.text
+    saved = json.loads((tmp_path / "auto" / "training_config.json").read_text())
+    assert (saved["grad_cache_chunk_size"], saved["per_device_train_batch_size"]) == (2, 8)
+    assert saved["gradient_accumulation_steps"] == 1
