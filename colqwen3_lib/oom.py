@@ -56,13 +56,17 @@ def largest_batch_size(
     memory_bytes: float, setup: TrainingSetup | None = None, limit: int = 4096, **overrides
 ) -> int:
     """The largest per-device batch whose estimated peak stays under `memory_bytes` (0 if none)."""
-    setup = replace(setup or TrainingSetup(), **overrides)
-    if estimate_memory(setup, batch_size=1).total > memory_bytes:
+    return _largest(replace(setup or TrainingSetup(), **overrides), "batch_size", limit, memory_bytes)
+
+
+def _largest(setup: TrainingSetup, field: str, limit: int, memory_bytes: float) -> int:
+    """The largest value of `field` (1 to `limit`) whose estimated peak fits `memory_bytes`, by bisection (0 if none)."""
+    if estimate_memory(setup, **{field: 1}).total > memory_bytes:
         return 0
     low, high = 1, limit
-    while low < high:  # peak grows with the batch: bisect
+    while low < high:  # the peak grows with the field: bisect
         mid = (low + high + 1) // 2
-        if estimate_memory(setup, batch_size=mid).total <= memory_bytes:
+        if estimate_memory(setup, **{field: mid}).total <= memory_bytes:
             low = mid
         else:
             high = mid - 1
@@ -72,16 +76,7 @@ def largest_batch_size(
 def largest_chunk_size(memory_bytes: float, setup: TrainingSetup | None = None, **overrides) -> int:
     """The largest gradient-cache chunk (at most the batch) whose estimated peak stays under `memory_bytes` (0 if none)."""
     setup = replace(setup or TrainingSetup(), **overrides)
-    if estimate_memory(setup, grad_cache_chunk_size=1).total > memory_bytes:
-        return 0
-    low, high = 1, setup.batch_size
-    while low < high:  # peak grows with the chunk: bisect
-        mid = (low + high + 1) // 2
-        if estimate_memory(setup, grad_cache_chunk_size=mid).total <= memory_bytes:
-            low = mid
-        else:
-            high = mid - 1
-    return low
+    return _largest(setup, "grad_cache_chunk_size", setup.batch_size, memory_bytes)
 
 
 def gradient_accumulation_steps(
