@@ -107,25 +107,63 @@ WIDGET_NOTE = (
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 
 
-def _ipc_kernel_manager():
-    """A kernel manager whose kernels talk over Unix sockets in a private folder, not TCP ports: no other process
-    can take a port from under a running course (a lost message hangs a cell), and no "running over TCP" notice.
-    None (papermill's default, TCP) on Windows, which has no Unix sockets."""
-    if os.name == "nt":
-        return None
+# How long one wait for a kernel message lasts before the socket is asked again (see `_kernel_client_class`).
+MESSAGE_POLL_S = 1.0
+
+
+def _kernel_client_class():
+    """An async kernel client that waits for messages in `MESSAGE_POLL_S` slices.
+
+    A ZeroMQ socket signals new messages once (edge-triggered). Under load the client's event loop can miss
+    that signal, and a reply already delivered then sits unread until the cell's timeout, with the kernel idle.
+    Asking the socket again after each slice turns a missed signal into a delay of at most a second.
+    """
+    from queue import Empty
+
+    from jupyter_client.asynchronous import AsyncKernelClient
+    from jupyter_client.channels import AsyncZMQSocketChannel
+
+    class PollingChannel(AsyncZMQSocketChannel):
+        async def get_msg(self, timeout=None):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = MESSAGE_POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    return await super().get_msg(timeout=min(MESSAGE_POLL_S, left))
+                except Empty:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+
+    class PollingKernelClient(AsyncKernelClient):
+        shell_channel_class = PollingChannel
+        iopub_channel_class = PollingChannel
+        stdin_channel_class = PollingChannel
+        control_channel_class = PollingChannel
+
+    return PollingKernelClient
+
+
+def _kernel_manager_class():
+    """papermill's kernel manager: the polling client above, and kernels that talk over Unix sockets in a
+    private folder, not TCP ports, so no other process can take a port from under a running course (and the
+    kernel prints no "running over TCP" notice). Windows has no Unix sockets and keeps TCP."""
     from jupyter_client.manager import AsyncKernelManager
 
-    class IPCKernelManager(AsyncKernelManager):
+    client = _kernel_client_class()
+
+    class CourseKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
-            self.transport = "ipc"
-            self.ip = str(Path(tempfile.mkdtemp(prefix="colqwen3-kernel-")) / "kernel")
+            self.client_factory = client
+            if os.name != "nt":
+                self.transport = "ipc"
+                self.ip = str(Path(tempfile.mkdtemp(prefix="colqwen3-kernel-")) / "kernel")
 
-    return IPCKernelManager
+    return CourseKernelManager
 
 
-# No cell of the tiny course runs a minute on a laptop: a cell still running after 10 minutes is stuck (a lost
-# kernel message), and the run stops with its name instead of waiting for ever. Real models get no limit.
+# No cell of the tiny course runs a minute on a laptop: a cell still running after 10 minutes is stuck, and the
+# run stops with its name instead of waiting for ever. Real models get no limit.
 TINY_CELL_TIMEOUT_S = 600
 
 
@@ -281,7 +319,7 @@ def run_course(
     if "adapter_path" in earlier.get("03_lora_training", {}).get("metrics", {}):
         shared.setdefault("ADAPTER_PATH", earlier["03_lora_training"]["metrics"]["adapter_path"])
     rows: list[dict] = []
-    kernel_manager = _ipc_kernel_manager()
+    kernel_manager = _kernel_manager_class()
     for position, name in enumerate(names, 1):
         source = notebooks_dir / f"{name}.ipynb"
         work_dir = output_dir / name
@@ -303,7 +341,7 @@ def run_course(
                 progress_bar=progress,
                 extra_arguments=KERNEL_ARGUMENTS,
                 execution_timeout=TINY_CELL_TIMEOUT_S if profile == "tiny" else None,
-                **({"kernel_manager_class": kernel_manager} if kernel_manager else {}),
+                kernel_manager_class=kernel_manager,
             )
             status, error = "ok", None
         except PapermillExecutionError as err:

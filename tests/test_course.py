@@ -153,3 +153,59 @@ def test_an_unknown_parameter_is_refused_with_the_known_ones(stand_ins, tmp_path
         run_course("tiny", tmp_path, {"MAX_STEP": 3}, only=["00_setup_check"], notebooks_dir=stand_ins)
     code = main(["--output-dir", str(tmp_path), "--notebooks-dir", str(stand_ins), "--only", "07_extra"])
     assert code == 2 and "unknown notebooks ['07_extra']" in capsys.readouterr().err
+
+
+class _MissedSignal:
+    """A kernel socket holding a reply whose arrival signal the event loop missed: a wait that started before
+    the reply arrived never wakes (without a limit) or wakes at its limit; a fresh look finds the reply."""
+
+    def __init__(self):
+        self.waits = 0
+
+    async def poll(self, timeout_ms=None):
+        import asyncio
+
+        self.waits += 1
+        if self.waits == 1:
+            if timeout_ms is None:
+                await asyncio.Event().wait()
+            await asyncio.sleep(timeout_ms / 1000)
+        return 1
+
+
+@pytest.mark.parametrize("cell_timeout", [None, 600])
+def test_a_missed_message_signal_costs_a_second_not_the_cell_timeout(cell_timeout):
+    """The course's kernel client gets a reply whose signal was missed within a second or two; the plain client
+    would wait for ever (no cell limit) or for the whole 10-minute limit."""
+    import asyncio
+    import time
+
+    import zmq.asyncio
+    from jupyter_client.channels import AsyncZMQSocketChannel
+    from jupyter_client.session import Session
+
+    from colqwen3_lib.course import _kernel_client_class
+
+    reply = {"msg_type": "execute_reply"}
+    context = zmq.asyncio.Context()
+
+    def channel(channel_class):
+        made = channel_class(context.socket(zmq.DEALER), Session())
+        made.socket.close()
+        made.socket = _MissedSignal()
+
+        async def receive(**kwargs):
+            return reply
+
+        made._recv = receive
+        return made
+
+    async def first_message(chan, limit):
+        return await asyncio.wait_for(chan.get_msg(timeout=cell_timeout), limit)
+
+    start = time.monotonic()
+    assert asyncio.run(first_message(channel(_kernel_client_class().shell_channel_class), 10)) == reply
+    assert time.monotonic() - start < 3
+    with pytest.raises(asyncio.TimeoutError):  # what the course avoids: the plain channel is still waiting
+        asyncio.run(first_message(channel(AsyncZMQSocketChannel), 2))
+    context.term()
