@@ -163,6 +163,7 @@ def train_hf(
         dataloader_num_workers=config.dataloader_num_workers,
         dataloader_persistent_workers=config.dataloader_num_workers > 0,  # workers keep their page cache
         dataloader_drop_last=True,  # every process needs a full batch for the page gather
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only speeds copies to a GPU
         remove_unused_columns=False,
         label_names=[],
         report_to="none",

@@ -5,6 +5,7 @@ import importlib.metadata
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -123,9 +124,16 @@ def test_hub_check_never_hangs(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(doctor.socket, "create_connection", lambda *a, **k: time.sleep(30))
+    release = threading.Event()
+
+    def hang(*args, **kwargs):
+        release.wait(30)
+        raise OSError("released by the test")
+
+    monkeypatch.setattr(doctor.socket, "create_connection", hang)
     start = time.perf_counter()
     check = doctor.check_hub(timeout=0.5)
+    release.set()  # let the abandoned connection thread end
     assert time.perf_counter() - start < 2
     assert check.status == doctor.WARN and "unreachable" in check.detail
 

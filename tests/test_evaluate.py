@@ -171,6 +171,9 @@ def test_dataset_problems_are_named(tmp_path, capsys):
         run_cli("--model-path", "tiny")  # no --output-dir
 
 
+# runpy runs the module a second time in this process (the package imported it already): Python's notice of
+# that is about the test's method, not the command (`python -m colqwen3_lib.evaluate` prints no warning).
+@pytest.mark.filterwarnings("ignore:'colqwen3_lib.evaluate' found in sys.modules:RuntimeWarning")
 def test_module_entry_point_compares(baseline, monkeypatch, capsys):
     args = ["python -m colqwen3_lib.evaluate", "--compare", str(baseline), str(baseline / RESULTS_FILE)]
     monkeypatch.setattr(sys, "argv", args)

@@ -30,7 +30,12 @@ from colqwen3_lib.losses import ColbertContrastiveLoss, maxsim_scores
 from colqwen3_lib.tiny import cache_dir
 from colqwen3_lib.training import train
 
-pytestmark = pytest.mark.reference
+pytestmark = [
+    pytest.mark.reference,
+    # colpali-engine 0.3.18 passes min_pixels/max_pixels to its processor calls: transformers' deprecation
+    # notice about the peer, not the kit.
+    pytest.mark.filterwarnings("ignore:Passing `min_pixels` and `max_pixels`:FutureWarning"),
+]
 
 PEER = "colpali-engine==0.3.18"
 ATOL = 1e-6

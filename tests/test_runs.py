@@ -70,7 +70,7 @@ def test_a_crafted_optimizer_state_is_never_unpickled(tmp_path, small_config, fi
     shutil.copytree(finished_run, run)
     marker = tmp_path / "code-ran"
     with open(run / "checkpoint-2" / "optimizer.pt", "wb") as f:
-        pickle.dump(_RunsCode(marker), f)
+        pickle.dump(_RunsCode(marker), f, protocol=2)  # the protocol torch.save writes
     with pytest.raises(ValueError, match="does not unpickle"):
         train(small_config(run, trainer="torch", max_steps=6, resume_from_checkpoint="latest"))
     assert not marker.exists()
