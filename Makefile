@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= notebooks,eval,dev,mteb
+# One test worker per core (pytest-xdist; PYTEST_WORKERS= runs in one process); each test file stays on one
+# worker, with its module fixtures. PYTEST_ARGS passes anything else to pytest.
+PYTEST_WORKERS ?= -n auto --dist loadfile
 PYTEST_ARGS ?=
 
 .PHONY: install course lab demo test lint bench clean
@@ -30,7 +33,7 @@ demo: install
 	$(BIN)/python -m colqwen3_lib.demo
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check colqwen3_lib tests benchmarks notebooks
