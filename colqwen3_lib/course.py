@@ -143,21 +143,28 @@ def _kernel_client_class():
     return PollingKernelClient
 
 
-def _kernel_manager_class():
-    """papermill's kernel manager: the polling client above, and kernels that talk over Unix sockets in a
-    private folder, not TCP ports, so no other process can take a port from under a running course (and the
-    kernel prints no "running over TCP" notice). Windows has no Unix sockets and keeps TCP."""
+def _kernel_manager_class(folder: Path):
+    """papermill's kernel manager: the polling client above, and kernels that talk over Unix sockets in
+    `folder`, not TCP ports, so no other process can take a port from under a running course (and the kernel
+    prints no "running over TCP" notice). Windows, which has no Unix sockets, and a `folder` too deep for a
+    socket's path keep TCP."""
+    import itertools
+
+    import zmq
     from jupyter_client.manager import AsyncKernelManager
 
     client = _kernel_client_class()
+    kernels = itertools.count()
+    longest = getattr(zmq, "IPC_PATH_MAX_LEN", 103)
 
     class CourseKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.client_factory = client
-            if os.name != "nt":
+            path = str(folder / f"kernel{next(kernels)}")
+            if os.name != "nt" and len(path) + len("-5") <= longest:  # the channels are <path>-1 ... <path>-5
                 self.transport = "ipc"
-                self.ip = str(Path(tempfile.mkdtemp(prefix="colqwen3-kernel-")) / "kernel")
+                self.ip = path
 
     return CourseKernelManager
 
@@ -270,6 +277,36 @@ def _earlier_rows(output_dir: Path) -> dict[str, dict]:
         return {}
 
 
+def _execute(
+    notebooks_dir: Path, name: str, executed: Path, params: dict, profile: str, progress: bool, kernel_manager
+) -> str | None:
+    """Run one notebook with papermill into `executed`: None when every cell ran, else what stopped it."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        papermill.execute_notebook(
+            str(notebooks_dir / f"{name}.ipynb"),
+            str(executed),
+            parameters=params,
+            cwd=str(notebooks_dir),
+            progress_bar=progress,
+            extra_arguments=KERNEL_ARGUMENTS,
+            execution_timeout=TINY_CELL_TIMEOUT_S if profile == "tiny" else None,
+            kernel_manager_class=kernel_manager,
+            # The last cell's outputs are in: stopping the kernel at once skips its exit, a garbage collection
+            # over all of torch and transformers (about 1.5 s a notebook).
+            shutdown_kernel="immediate",
+        )
+    except PapermillExecutionError as err:
+        return (
+            f"{name} failed in cell {err.exec_count} (cell index {err.cell_index}): {err.ename}: {err.evalue}"
+        )
+    except TimeoutError as err:  # nbclient's CellTimeoutError
+        return f"{name} stopped: a cell ran past {TINY_CELL_TIMEOUT_S} s ({err})"
+    return None
+
+
 def run_course(
     profile: str = "tiny",
     output_dir: str | Path = "runs/tiny",
@@ -295,8 +332,6 @@ def run_course(
         NotebookFailed: a notebook raised; earlier results are kept and the summary says which failed.
         ValueError: unknown profile, notebook or parameter name.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
@@ -319,50 +354,37 @@ def run_course(
     if "adapter_path" in earlier.get("03_lora_training", {}).get("metrics", {}):
         shared.setdefault("ADAPTER_PATH", earlier["03_lora_training"]["metrics"]["adapter_path"])
     rows: list[dict] = []
-    kernel_manager = _kernel_manager_class()
-    for position, name in enumerate(names, 1):
-        source = notebooks_dir / f"{name}.ipynb"
-        work_dir = output_dir / name
-        work_dir.mkdir(exist_ok=True)
-        declared = declared_by[name]
-        params = {k: v for k, v in {**shared, "OUTPUT_DIR": str(work_dir)}.items() if k in declared}
-        print(
-            f"[{position}/{len(names)}] {name} ({', '.join(f'{k}={v}' for k, v in params.items())})",
-            flush=True,
-        )
-        executed = output_dir / f"{name}.ipynb"
-        start = time.perf_counter()
-        try:
-            papermill.execute_notebook(
-                str(source),
-                str(executed),
-                parameters=params,
-                cwd=str(notebooks_dir),
-                progress_bar=progress,
-                extra_arguments=KERNEL_ARGUMENTS,
-                execution_timeout=TINY_CELL_TIMEOUT_S if profile == "tiny" else None,
-                kernel_manager_class=kernel_manager,
+    with tempfile.TemporaryDirectory(prefix="colqwen3-kernels-") as kernels:  # their Unix sockets
+        kernel_manager = _kernel_manager_class(Path(kernels))
+        for position, name in enumerate(names, 1):
+            work_dir = output_dir / name
+            work_dir.mkdir(exist_ok=True)
+            params = {
+                k: v for k, v in {**shared, "OUTPUT_DIR": str(work_dir)}.items() if k in declared_by[name]
+            }
+            print(
+                f"[{position}/{len(names)}] {name} ({', '.join(f'{k}={v}' for k, v in params.items())})",
+                flush=True,
             )
-            status, error = "ok", None
-        except PapermillExecutionError as err:
-            status = "failed"
-            error = f"{name} failed in cell {err.exec_count} (cell index {err.cell_index}): {err.ename}: {err.evalue}"
-        except TimeoutError as err:  # nbclient's CellTimeoutError
-            status = "failed"
-            error = f"{name} stopped: a cell ran past {TINY_CELL_TIMEOUT_S} s ({err})"
-        seconds = time.perf_counter() - start
-        metrics_file = work_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() and status == "ok" else {}
-        rows.append({"notebook": name, "status": status, "seconds": round(seconds, 2), "metrics": metrics})
-        if executed.exists():
-            render_html(executed, output_dir / "html" / f"{name}.html")
-        earlier[name] = rows[-1]
-        _write_summary(output_dir, [earlier[n] for n in NOTEBOOKS if n in earlier], notebooks_dir)
-        print(f"    {status} in {seconds:.1f} s", flush=True)
-        if error:
-            raise NotebookFailed(error + f" (executed notebook: {executed})")
-        if "adapter_path" in metrics:
-            shared["ADAPTER_PATH"] = metrics["adapter_path"]
+            executed = output_dir / f"{name}.ipynb"
+            start = time.perf_counter()
+            error = _execute(notebooks_dir, name, executed, params, profile, progress, kernel_manager)
+            seconds = time.perf_counter() - start
+            status = "failed" if error else "ok"
+            metrics_file = work_dir / "metrics.json"
+            metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() and not error else {}
+            rows.append(
+                {"notebook": name, "status": status, "seconds": round(seconds, 2), "metrics": metrics}
+            )
+            if executed.exists():
+                render_html(executed, output_dir / "html" / f"{name}.html")
+            earlier[name] = rows[-1]
+            _write_summary(output_dir, [earlier[n] for n in NOTEBOOKS if n in earlier], notebooks_dir)
+            print(f"    {status} in {seconds:.1f} s", flush=True)
+            if error:
+                raise NotebookFailed(error + f" (executed notebook: {executed})")
+            if "adapter_path" in metrics:
+                shared["ADAPTER_PATH"] = metrics["adapter_path"]
     return rows
 
 

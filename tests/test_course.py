@@ -48,7 +48,11 @@ def stand_ins(tmp_path):
     return folder
 
 
-def test_runs_in_order_passes_parameters_and_the_adapter(stand_ins, tmp_path):
+def test_runs_in_order_passes_parameters_and_the_adapter(stand_ins, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the kernels' sockets go
+    (tmp_path / "tmp").mkdir()
     out = tmp_path / "run"
     rows = run_course(
         "tiny",
@@ -68,6 +72,7 @@ def test_runs_in_order_passes_parameters_and_the_adapter(stand_ins, tmp_path):
         assert (out / f"{name}.ipynb").exists() and (out / "html" / f"{name}.html").exists()
     assert "04_vidore_eval.html" in (out / "index.html").read_text()
     assert "| 00_setup_check | ok |" in (out / "summary.md").read_text()
+    assert not list((tmp_path / "tmp").glob("colqwen3-kernels-*"))  # the kernels' socket folder is gone
 
 
 def test_a_failing_notebook_stops_the_run_and_keeps_earlier_results(stand_ins, tmp_path):
@@ -209,3 +214,16 @@ def test_a_missed_message_signal_costs_a_second_not_the_cell_timeout(cell_timeou
     with pytest.raises(asyncio.TimeoutError):  # what the course avoids: the plain channel is still waiting
         asyncio.run(first_message(channel(AsyncZMQSocketChannel), 2))
     context.term()
+
+
+def test_kernels_use_unix_sockets_unless_the_folder_is_too_deep_for_one(tmp_path):
+    import os
+
+    from colqwen3_lib.course import _kernel_manager_class
+
+    if os.name == "nt":
+        pytest.skip("Windows has no Unix sockets: kernels use TCP there")
+    short = _kernel_manager_class(tmp_path)()
+    assert short.transport == "ipc" and short.ip.startswith(str(tmp_path))
+    deep = tmp_path / ("d" * 120)
+    assert _kernel_manager_class(deep)().transport == "tcp"  # a socket path holds at most 107 bytes
