@@ -82,7 +82,7 @@ def score_multi_vector(
             all-zero rows are padding (as `ColQwen3` pads) and are left out.
         batch_size: Queries scored at a time.
         device: Where to compute; defaults to the pages' device. Results come back on the CPU.
-        max_chunk_bytes: Memory cap for one similarity block; default 64 MiB on a CPU, 512 MiB on a GPU.
+        max_chunk_bytes: Memory cap for one similarity block; default 8 MiB on a CPU, 512 MiB on a GPU.
 
     Returns:
         (n_queries, n_pages) float32 scores on the CPU.
