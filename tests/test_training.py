@@ -231,9 +231,18 @@ def test_auto_batch_size_halves_the_batch_until_it_fits(tmp_path, monkeypatch, s
 # ------------------------------------------------------------------------------------------- learning
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, then the process's own count again: the same sums on every machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "pairwise"])
-def test_the_tiny_model_learns_the_synthetic_pages(tmp_path, loss):
+def test_the_tiny_model_learns_the_synthetic_pages(tmp_path, loss, one_thread):
     """Held-out NDCG@5 from near chance to >= 0.8 with the tiny defaults (about 1 and 3 CPU minutes).
 
     Each loss with its own tiny defaults: pairwise takes 8 pages per step and a faster head
@@ -251,7 +260,6 @@ def test_the_tiny_model_learns_the_synthetic_pages(tmp_path, loss):
         results = evaluate_model(model, processor, list(SYNTHETIC_TASKS), show_progress=False)
         return statistics.mean(result["metrics"]["ndcg_at_5"] for result in results.values())
 
-    torch.set_num_threads(1)
     set_seed(config.seed)
     before = ndcg(*build_model(config))
     result = train(config)
