@@ -55,7 +55,7 @@ def test_a_non_empty_output_dir_is_never_overwritten(tmp_path, small_config):
 # ------------------------------------------------------------------------------------------ trainers
 
 
-def test_the_two_trainers_train_the_same(tmp_path, small_config):
+def test_the_two_trainers_train_the_same(tmp_path, small_config, recwarn):
     logged = {"hf": [], "torch": []}
     results = {
         name: train(
@@ -74,6 +74,7 @@ def test_the_two_trainers_train_the_same(tmp_path, small_config):
     assert len(hf_losses) == len(torch_losses) == 3
     assert hf_losses == pytest.approx(torch_losses, rel=1e-3)
     _assert_same_weights(_adapter(tmp_path / "hf"), _adapter(tmp_path / "torch"), atol=1e-4)
+    assert not [str(w.message) for w in recwarn if "pin_memory" in str(w.message)]  # no GPU, nothing to pin
 
 
 def test_outputs_are_written(torch_run):
