@@ -39,6 +39,20 @@ def test_ragged_pages_and_queries_match_a_per_pair_loop(max_chunk_bytes):
     torch.testing.assert_close(scores, per_pair(qs, ps), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_the_gpu_layout_gives_the_same_exact_scores(monkeypatch, as_tensor):
+    """A GPU lays each block out query tokens x page tokens (the CPU the other way round): checked here on the CPU."""
+    from colqwen3_lib import scoring
+
+    monkeypatch.setattr(scoring, "_page_major", lambda device: False)
+    qs = [normalised(n, 16, seed=n) for n in (3, 1, 8, 5)]
+    ps = [normalised(n, 16, seed=100 + n) for n in (4, 1, 30, 12, 7, 7, 100, 2)]
+    pages = torch.nn.utils.rnn.pad_sequence(ps, batch_first=True) if as_tensor else ps
+    for cap in (1, 2000, None):
+        scores = score_multi_vector(qs, pages, batch_size=3, max_chunk_bytes=cap)
+        torch.testing.assert_close(scores, per_pair(qs, ps), atol=1e-5, rtol=1e-5)
+
+
 def test_padding_never_changes_a_score():
     """All of a page's similarities below 0: zero padding (the reference) would lift them to 0; ours does not."""
     q = [torch.tensor([[1.0, 0.0]])]
@@ -94,3 +108,56 @@ def test_benchmark_runs_and_reports_the_ratios(capsys):
     for case in ("list of pages", "padded tensor"):
         assert report[case]["max_abs_error"] < 1e-5 and report[case]["matmul_share"] > 0
     assert "of the plain matrix-product rate" in capsys.readouterr().out
+
+
+VIEWS = {
+    "aten::slice",
+    "aten::select",
+    "aten::unbind",
+    "aten::view",
+    "aten::reshape",
+    "aten::t",
+    "aten::transpose",
+}
+
+
+def _operators_launched(fn) -> list[str]:
+    """The torch operators `fn` calls at top level, as the profiler records them, views (no kernel) left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted(
+        event.name
+        for event in prof.events()
+        if event.cpu_parent is None and event.name.startswith("aten::") and event.name not in VIEWS
+    )
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["list", "padded tensor"])
+def test_the_operators_one_call_runs_do_not_grow_with_the_number_of_pages(as_tensor):
+    """No per-page loop: on a GPU each operator is a kernel launch, and one per page costs more than the maths.
+
+    In one chunk, 10 and 200 ragged pages (5-40 tokens) run the same operators; of a padded 3-D tensor only
+    views are taken per page."""
+    qs = [normalised(n, 16, seed=n) for n in (3, 7, 5)]
+    launched = []
+    for n_pages in (10, 200):
+        lengths = torch.randint(5, 41, (n_pages,), generator=torch.Generator().manual_seed(n_pages)).tolist()
+        ps = [normalised(n, 16, seed=i) for i, n in enumerate(lengths)]
+        pages = torch.nn.utils.rnn.pad_sequence(ps, batch_first=True) if as_tensor else ps
+        launched.append(_operators_launched(lambda p=pages: score_multi_vector(qs, p, max_chunk_bytes=2**30)))
+    assert launched[0] == launched[1]
+    assert 0 < len(launched[0]) < 100
+
+
+def test_operators_grow_with_chunks_only():
+    """Each chunk adds the same operators: 12 pages of 20 tokens in 1, 2 and 4 chunks."""
+    qs = [normalised(4, 16)]
+    ps = [normalised(20, 16, seed=i) for i in range(12)]
+    per_page_block = 20 * 4 * 4  # one page's similarities: 20 tokens x 4 query tokens x 4 bytes
+    n = [
+        len(_operators_launched(lambda c=c: score_multi_vector(qs, ps, max_chunk_bytes=c * per_page_block)))
+        for c in (12, 6, 3)
+    ]
+    assert n[1] > n[0] and n[2] - n[0] == 3 * (n[1] - n[0])
