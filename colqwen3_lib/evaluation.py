@@ -15,7 +15,9 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -42,19 +44,52 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 8  # pages per forward pass
 QUERY_BATCH_SIZE = 64  # queries per forward pass
 SCORE_BATCH_SIZE = 128  # queries per MaxSim block
+PREFETCH_BATCHES = 2  # batches processed ahead of the model on a GPU
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _prefetched(jobs: Sequence, prepare: Callable, ahead: int):
+    """`prepare(job)` of each job, in order; with `ahead` > 0, one worker thread prepares up to `ahead` jobs
+    in advance while the caller uses the current one (on a GPU: decoding and processing the next pages while
+    the model embeds these). One worker, so that the processor is never called from two threads at once."""
+    if ahead == 0:
+        yield from map(prepare, jobs)
+        return
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = deque(worker.submit(prepare, job) for job in jobs[:ahead])
+        for job in jobs[ahead:]:
+            ready = pending.popleft().result()
+            pending.append(worker.submit(prepare, job))
+            yield ready
+        while pending:
+            yield pending.popleft().result()
+
+
+def _prefetch_depth(model) -> int:
+    """Batches prepared ahead: on a GPU, so that it never waits for the CPU; on a CPU none (both would share
+    the same cores)."""
+    return PREFETCH_BATCHES if _model_device(model).type == "cuda" else 0
+
+
 def _embed_by_size(model, processor, sizes: list[int], load, batch_size: int, progress) -> list[torch.Tensor]:
-    """Embed items in batches of similar size (little padding); `load(indices)` gives their images."""
+    """Embed items in batches of similar size (little padding); `load(indices)` gives their images.
+
+    On a GPU the next batches are decoded and processed in a worker thread while the model runs, and their
+    images are resized on the GPU (`ColQwen3Processor.process_images(device=...)`).
+    """
+    device = _model_device(model)
     order = sorted(range(len(sizes)), key=sizes.__getitem__)
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def prepare(chunk: list[int]):
+        return processor.process_images(load(chunk), device=device, pad_pixel_values=False)
+
     embeddings: list[torch.Tensor | None] = [None] * len(sizes)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        for i, embedding in zip(chunk, embed_batch(model, processor.process_images(load(chunk)))):
+    for chunk, batch in zip(chunks, _prefetched(chunks, prepare, _prefetch_depth(model))):
+        for i, embedding in zip(chunk, embed_batch(model, batch)):
             embeddings[i] = embedding
         if progress is not None:
             progress.update(len(chunk))
@@ -99,10 +134,10 @@ def embed_queries(
     model, processor, queries: Sequence[str], batch_size: int = QUERY_BATCH_SIZE, progress=None
 ) -> list[torch.Tensor]:
     """Embeddings of the queries: a list of (n_tokens, dim) CPU tensors."""
+    chunks = [list(queries[start : start + batch_size]) for start in range(0, len(queries), batch_size)]
     embeddings: list[torch.Tensor] = []
-    for start in range(0, len(queries), batch_size):
-        chunk = list(queries[start : start + batch_size])
-        embeddings.extend(embed_batch(model, processor.process_queries(chunk)))
+    for chunk, batch in zip(chunks, _prefetched(chunks, processor.process_queries, _prefetch_depth(model))):
+        embeddings.extend(embed_batch(model, batch))
         if progress is not None:
             progress.update(len(chunk))
     return embeddings

@@ -311,11 +311,15 @@ def random_model(
 
 
 def embed_batch(model: torch.nn.Module, batch) -> list[torch.Tensor]:
-    """Run the model on a processed batch: each item's (n_tokens, dim) embeddings, padding removed, on the CPU."""
+    """Run the model on a processed batch: each item's (n_tokens, dim) embeddings, padding removed, on the CPU.
+
+    The batch's embeddings come back to the CPU in one copy (not one per item: on a GPU each copy waits for
+    the device), and are split there.
+    """
     batch = batch.to(next(model.parameters()).device)
-    embeddings = model(**batch)  # (batch, seq_len, dim)
-    mask = batch["attention_mask"].bool()  # (batch, seq_len)
-    return [e[m].cpu() for e, m in zip(embeddings, mask)]
+    embeddings = model(**batch).cpu()  # (batch, seq_len, dim)
+    mask = batch["attention_mask"].bool().cpu()  # (batch, seq_len)
+    return [e[m] for e, m in zip(embeddings, mask)]
 
 
 # ------------------------------------------------------------------ loading a model and an adapter

@@ -159,11 +159,23 @@ class ColQwen3Processor(Qwen3VLProcessor):
             self.image_processor.max_pixels = max_pixels
             self.image_processor.min_pixels = size["shortest_edge"]
 
-    def process_images(self, images: Sequence[ImageLike]) -> BatchFeature:
+    def process_images(
+        self,
+        images: Sequence[ImageLike],
+        device: str | torch.device | None = None,
+        pad_pixel_values: bool = True,
+    ) -> BatchFeature:
         """Pages (PIL images of any mode, or paths) -> a padded batch for `ColQwen3`.
 
-        `pixel_values` is padded per image to (batch, max_patches, patch_dim), so a batch splits
-        cleanly across processes; the model un-pads it using `image_grid_thw`.
+        Args:
+            images: The pages.
+            device: Where to resize and normalise the images (transformers' fast image processor runs on
+                a GPU too): with a CUDA device only the pixels' bytes leave the CPU, and the batch's pixel
+                values are made where the model reads them. Default: the CPU.
+            pad_pixel_values: Pad `pixel_values` per image to (batch, max_patches, patch_dim), so that a
+                batch splits cleanly across chunks and processes (training does); the model un-pads them
+                using `image_grid_thw`. False keeps them as the image processor gives them, (patches,
+                patch_dim), which the model reads as they are: no copy, for embedding.
 
         Raises:
             ValueError: empty list, unreadable file, page under 32 px or over 200:1.
@@ -171,17 +183,22 @@ class ColQwen3Processor(Qwen3VLProcessor):
         if len(images) == 0:
             raise ValueError("process_images got an empty list; pass at least one page")
         pages = [_load_page(image, i) for i, image in enumerate(images)]
+        on_device = (
+            {"device": str(device)} if device is not None and torch.device(device).type != "cpu" else {}
+        )
         batch = self(
             text=[self.visual_prompt_prefix] * len(pages),
             images=pages,
             padding="longest",
             return_tensors="pt",
+            **on_device,
         )
-        n_patches = batch["image_grid_thw"].prod(dim=1)  # (batch,)
-        per_image = torch.split(batch["pixel_values"], n_patches.tolist())
-        batch["pixel_values"] = torch.nn.utils.rnn.pad_sequence(
-            per_image, batch_first=True
-        )  # (batch, max_patches, dim)
+        if pad_pixel_values:
+            n_patches = batch["image_grid_thw"].prod(dim=1)  # (batch,)
+            per_image = torch.split(batch["pixel_values"], n_patches.tolist())
+            batch["pixel_values"] = torch.nn.utils.rnn.pad_sequence(
+                per_image, batch_first=True
+            )  # (batch, max_patches, dim)
         return batch
 
     def process_texts(self, texts: Sequence[str]) -> BatchFeature:

@@ -31,7 +31,7 @@ def fake_processor(page_colours):
             self.images_seen: list[int] = []
             self.queries_seen: list[str] = []
 
-        def process_images(self, images):
+        def process_images(self, images, device=None, pad_pixel_values=True):
             colours = [page_colours.index(image.convert("RGB").getpixel((0, 0))) for image in images]
             self.images_seen.extend(colours)
             return BatchFeature(
@@ -200,3 +200,52 @@ def test_top_k_run_keeps_trec_order_and_cuts(beir_dir):
         ("3", 0.5),
         ("1", 0.5),
     ]  # ties: larger id first
+
+
+def test_prefetching_prepares_ahead_in_one_thread_and_keeps_the_order():
+    """On a GPU the next batches are processed while the model runs: results in order, one worker thread (the
+    processor is never called from two threads at once), never more than `ahead` jobs in advance."""
+    import threading
+    import time
+
+    from colqwen3_lib.evaluation import _prefetched
+
+    threads, running, most = set(), [0], [0]
+    lock = threading.Lock()
+
+    def prepare(job):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        threads.add(threading.get_ident())
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return job * 10
+
+    got = []
+    for value in _prefetched(list(range(7)), prepare, ahead=2):
+        got.append(value)
+    assert got == [j * 10 for j in range(7)]
+    assert len(threads) == 1 and threading.get_ident() not in threads and most[0] == 1
+    assert list(_prefetched([1, 2], lambda j: -j, ahead=0)) == [-1, -2]
+
+
+def test_embedding_with_prefetching_gives_the_embeddings_without(model, processor, monkeypatch):
+    from PIL import Image
+
+    from colqwen3_lib import evaluation
+
+    pages = [Image.new("RGB", size, colour) for size, colour in [((64, 96), "red"), ((200, 100), "blue")] * 3]
+    queries = ["a red page", "a blue chart", "the total"] * 3
+    plain = (
+        evaluation.embed_images(model, processor, pages, batch_size=2),
+        evaluation.embed_queries(model, processor, queries, batch_size=2),
+    )
+    monkeypatch.setattr(evaluation, "_prefetch_depth", lambda model: 2)
+    ahead = (
+        evaluation.embed_images(model, processor, pages, batch_size=2),
+        evaluation.embed_queries(model, processor, queries, batch_size=2),
+    )
+    for a, b in zip(plain[0] + plain[1], ahead[0] + ahead[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -151,3 +151,18 @@ def test_bad_queries_are_named_in_the_error(processor, queries, message):
 def test_visual_token_cap_must_be_positive(tiny_path):
     with pytest.raises(ValueError, match="positive integer"):
         ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=0)
+
+
+def test_unpadded_pixel_values_are_the_padded_ones_without_padding_and_embed_the_same(processor, model):
+    """For embedding, the processor may skip padding pixel_values per page (a copy of every pixel): the model
+    reads both forms and gives the same embeddings."""
+    pages = [Image.new("RGB", (320, 480), "red"), Image.new("RGB", (200, 100), "blue")]
+    padded = processor.process_images(pages)
+    flat = processor.process_images(pages, pad_pixel_values=False)
+    n_patches = padded["image_grid_thw"].prod(dim=1).tolist()
+    assert flat["pixel_values"].dim() == 2 and flat["pixel_values"].shape[0] == sum(n_patches)
+    torch.testing.assert_close(
+        flat["pixel_values"], torch.cat([pv[:n] for pv, n in zip(padded["pixel_values"], n_patches)])
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(**flat), model(**padded))
