@@ -60,6 +60,7 @@ _AT_LEAST = {
     "save_total_limit": 0,
     "dataloader_num_workers": 0,
     "num_threads": 1,
+    "collapse_patience": 0,
 }
 _FINITE = {  # name: (low, high); names in _POSITIVE must be above low, the others at least low
     "lr": (0.0, 1.0),
@@ -96,7 +97,11 @@ TINY_DEFAULTS = dict(
     lr=5e-3,
     num_train_epochs=1.0,
     max_steps=300,
-    warmup_steps=10,
+    # A random head at lr 5e-3 can fall into a trap in its first steps: its random scores start far from each
+    # other (loss above chance), and shrinking them all together is the quickest way down, until no page can be
+    # told from another. With 10 warm-up steps 1 seed in 16 stayed at chance on the CPU (and both runs on an
+    # H200 drew such a start); with 40, all 16 and the GPU runs learnt (benchmarks/gpu_check.md).
+    warmup_steps=40,
     logging_steps=1,
     eval_steps=50,
     save_steps=50,
@@ -168,6 +173,9 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
     auto_batch_size: bool = False
     hard_negative_weight: float = 0.5
+    # Stop when every query's in-batch scores have tied for this many optimizer steps in a row (the embeddings
+    # collapsed: `losses.CollapseGuard`); 0: never.
+    collapse_patience: int = 20
 
     def __post_init__(self):
         if self.trainer not in TRAINERS:

@@ -20,7 +20,7 @@ from .data import ContrastiveCollator, PairDataset
 from .fingerprint import write_adapter_files
 from .grad_cache import chunked_loss, grad_cache_step, sync_control
 from .lora import optimizer_groups
-from .losses import ColbertContrastiveLoss, NonFiniteLossError, contrastive_loss
+from .losses import ColbertContrastiveLoss, CollapseGuard, NonFiniteLossError, contrastive_loss
 from .processor import ColQwen3Processor
 
 
@@ -33,6 +33,9 @@ def _hf_trainer_class():
         def __init__(self, *args, loss_fn: ColbertContrastiveLoss, config: TrainConfig, **kwargs):
             super().__init__(*args, **kwargs)
             self.loss_fn, self.config = loss_fn, config
+            self.guard = CollapseGuard(config.collapse_patience, after_step=config.warmup_steps)
+            self.spread: torch.Tensor | None = None  # of the last training batch, the largest over processes
+            self.last_loss: torch.Tensor | None = None  # of the last training batch, the mean over processes
             # ColQwen3.forward takes **kwargs, which makes the Trainer expect the model to normalise the
             # loss for gradient accumulation itself; ours is a per-batch mean, so let the Trainer scale it.
             self.model_accepts_loss_kwargs = False
@@ -55,6 +58,16 @@ def _hf_trainer_class():
         def _check_finite(self, loss, model):
             if model.training and not torch.isfinite(loss):
                 raise NonFiniteLossError(self.state.global_step + 1, loss.item())
+            if model.training:
+                self.spread = self.accelerator.gather(self.loss_fn.spread.reshape(1)).max()
+                self.last_loss = self.accelerator.reduce(loss.detach(), "mean")
+
+        def check_learning(self) -> None:
+            """After an optimizer step: stop if the in-batch scores have tied for too long (`CollapseGuard`)."""
+            if self.spread is not None:
+                self.guard.update(
+                    self.state.global_step, self.spread.item(), self.last_loss.item(), self.loss_fn.chance
+                )
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             """The Trainer's step, or with `grad_cache_chunk_size` the gradient cache's (`grad_cache.grad_cache_step`).
@@ -100,11 +113,12 @@ def _hf_trainer_class():
     return ColQwen3Trainer
 
 
-def _hf_hook_callback(hook: StepHook | None, on_log: LogHook | None):
+def _hf_hook_callback(hook: StepHook | None, on_log: LogHook | None, trainer_of: list):
     from transformers import TrainerCallback
 
     class HookCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            trainer_of[0].check_learning()
             if hook:
                 hook(state.global_step, None)
 
@@ -170,6 +184,7 @@ def train_hf(
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
     )
+    trainer_of = []  # the callback needs the trainer it is given to
     trainer = _hf_trainer_class()(
         model=model,
         args=args,
@@ -178,8 +193,9 @@ def train_hf(
         eval_dataset=eval_set,
         loss_fn=config.loss_function(),
         config=config,
-        callbacks=[_hf_hook_callback(hook, on_log)],
+        callbacks=[_hf_hook_callback(hook, on_log, trainer_of)],
     )
+    trainer_of.append(trainer)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start

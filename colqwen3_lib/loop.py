@@ -21,7 +21,7 @@ from .config import LogHook, StepHook, TrainConfig, eval_batch_size, run_metrics
 from .data import ContrastiveCollator, EpochShuffler, PairDataset
 from .grad_cache import chunked_loss, grad_cache_step, sync_control
 from .lora import optimizer_groups
-from .losses import NonFiniteLossError, contrastive_loss
+from .losses import CollapseGuard, NonFiniteLossError, contrastive_loss
 from .processor import ColQwen3Processor
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def train_torch_loop(
     chunk = config.grad_cache_chunk_size
     no_sync = sync_control(accelerator, model) if chunk else None
 
+    guard = CollapseGuard(config.collapse_patience, after_step=config.warmup_steps)
     step, history = 0, {"train": [], "eval": []}
     if resume is not None:
         step, history = load_torch_checkpoint(resume, accelerator, model, optimizer, scheduler)
@@ -119,6 +120,9 @@ def train_torch_loop(
             step_losses = []
             if not math.isfinite(mean_loss):
                 raise NonFiniteLossError(step, mean_loss)
+            guard.update(
+                step, accelerator.gather(loss_fn.spread.reshape(1)).max().item(), mean_loss, loss_fn.chance
+            )
             if step % config.logging_steps == 0:
                 history["train"].append({"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0]})
                 logger.info(f"step {step}/{total_steps}  loss {mean_loss:.4f}")

@@ -18,6 +18,8 @@ this for a collated training batch (`query_*`, `doc_*` and optional `neg_doc_*` 
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Literal
 
 import torch
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .reference import TAU as DEFAULT_TAU
+
+logger = logging.getLogger(__name__)
 
 LOSSES = ("ce", "pairwise")
 LossName = Literal["ce", "pairwise"]
@@ -79,6 +83,67 @@ class NonFiniteLossError(FloatingPointError):
     def __init__(self, step: int, loss: float, message: str | None = None):
         super().__init__(message or f"the training loss is {loss} at step {step}")
         self.step, self.loss = step, loss
+
+
+# In-batch scores (after the temperature) whose spread for every query stays below this carry no signal: the
+# softmax over them is uniform to within 5%, and when the embeddings have collapsed to one vector, the
+# gradients of the positive and of the negatives cancel exactly.
+TIED_SPREAD = 0.05
+# A mean loss within this of chance (ln of the pages each query is scored against) means: not learning.
+CHANCE_MARGIN = 0.05
+
+
+class CollapsedTrainingError(RuntimeError):
+    """The in-batch scores of every query have tied for many steps in a row: the embeddings collapsed and the
+    run has stopped learning; training stops rather than write a model that ranks pages at random."""
+
+    def __init__(self, step: int, steps: int, spread: float, message: str | None = None):
+        super().__init__(
+            message
+            or f"the in-batch scores have tied (largest spread {spread:.2g} < {TIED_SPREAD}) for {steps} steps, up to step {step}"
+        )
+        self.step, self.steps, self.spread = step, steps, spread
+
+
+class CollapseGuard:
+    """Watches a run after each optimizer step for two signs that it has stopped learning.
+
+    - Tied scores: every query's in-batch scores within `TIED_SPREAD` of each other (`ColbertContrastiveLoss.spread`)
+      for `patience` steps in a row: the embeddings collapsed, nothing more can be learnt; `update` raises
+      `CollapsedTrainingError`.
+    - Chance: after `after_step` (the warm-up), the mean loss of the last `patience` steps still within
+      `CHANCE_MARGIN` of the loss of scores that ignore the page (ln of the pages each query is scored against,
+      for `ce`): `update` logs one warning with advice. A run can leave it late, so it is not stopped.
+
+    Args:
+        patience: Steps of either sign before it counts; 0 turns the guard off.
+        after_step: Steps before the chance check starts (the warm-up, when the loss may rise first).
+    """
+
+    def __init__(self, patience: int, after_step: int = 0):
+        self.patience, self.after_step = patience, after_step
+        self.tied, self.losses, self.warned = 0, [], False
+
+    def update(
+        self, step: int, spread: float, loss: float | None = None, chance: float | None = None
+    ) -> None:
+        if not self.patience:
+            return
+        self.tied = self.tied + 1 if spread < TIED_SPREAD else 0
+        if self.tied >= self.patience:
+            raise CollapsedTrainingError(step, self.tied, spread)
+        if loss is None or chance is None or step <= self.after_step or self.warned:
+            return
+        self.losses = [*self.losses, loss][-self.patience :]
+        if len(self.losses) == self.patience and sum(self.losses) / self.patience >= chance - CHANCE_MARGIN:
+            self.warned = True
+            logger.warning(
+                f"step {step}: the loss has stayed at chance level for {self.patience} steps (mean "
+                f"{sum(self.losses) / self.patience:.3f}; scores that ignore the page give ln {round(math.exp(chance))} "
+                f"= {chance:.3f}): the run is not learning yet. If it stays there, stop it and try a longer "
+                "--warmup-steps or a lower --lr (a random head at a high learning rate can fall into this), and check "
+                "that each query belongs to its page."
+            )
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -146,6 +211,11 @@ class ColbertContrastiveLoss(nn.Module):
             raise ValueError(f"hard_negative_weight must be in [0, 1], got {hard_negative_weight}")
         self.loss, self.tau, self.normalize_scores = loss, tau, normalize_scores
         self.hard_negative_weight = hard_negative_weight
+        # The largest spread (max - min) of one query's in-batch scores, after the temperature, at the last call:
+        # near 0 means every page scores alike (`CollapseGuard`). A detached tensor; None before the first call.
+        self.spread: torch.Tensor | None = None
+        # The loss of scores that ignore the page at the last call: ln(pages per query) for `ce`; None for pairwise.
+        self.chance: float | None = None
 
     def forward(
         self,
@@ -169,6 +239,8 @@ class ColbertContrastiveLoss(nn.Module):
         # Scores of bf16 embeddings in float32; float64 ones stay float64.
         dtype = torch.promote_types(query_embeddings.dtype, torch.float32)
         scores = maxsim_scores(query_embeddings, page_embeddings, self.normalize_scores).to(dtype) / self.tau
+        self.spread = (scores.amax(dim=1) - scores.amin(dim=1)).amax().detach()  # ()
+        self.chance = math.log(scores.shape[1]) if self.loss == "ce" else None
         positives = torch.arange(n_q, device=scores.device) + offset  # (n_q,)
         if self.loss == "ce":
             loss = F.cross_entropy(scores, positives)

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from .config import LATEST, NO_EVAL, TINY_DEFAULTS, TINY_PAIRWISE_DEFAULTS, TrainConfig, default_config
-from .losses import NonFiniteLossError
+from .losses import CollapsedTrainingError, NonFiniteLossError
 from .model import ATTENTION_IMPLEMENTATIONS
 from .oom import TrainingOutOfMemoryError
 from .reference import BASE_MODEL, TRAIN_DATASET
@@ -176,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"continue a run from a checkpoint directory, or `{LATEST}` for the last one in --output-dir",
     )
     add(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train in bfloat16 (weights and autocast); --no-bf16 trains in float32 (default: bf16 on a GPU that "
+        "supports it, else float32)",
+    )
+    add(
+        "--collapse-patience",
+        type=int,
+        help="stop when every query's in-batch scores have been equal for N optimizer steps in a row (the embeddings "
+        f"collapsed: nothing more can be learnt); 0 never stops {_default('collapse_patience')}",
+    )
+    add(
         "--auto-batch-size",
         action="store_true",
         default=None,
@@ -200,7 +213,14 @@ def main(argv: list[str] | None = None) -> int:
         result = train(config)
     except KeyboardInterrupt:
         return 130  # train() has logged where the last checkpoint is
-    except (TrainingOutOfMemoryError, NonFiniteLossError, FileExistsError, ValueError, OSError) as err:
+    except (
+        TrainingOutOfMemoryError,
+        NonFiniteLossError,
+        CollapsedTrainingError,
+        FileExistsError,
+        ValueError,
+        OSError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     summary = result.metrics["summary"]

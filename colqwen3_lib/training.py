@@ -37,7 +37,7 @@ from .fingerprint import adapter_files, write_adapter_files
 from .hf_trainer import train_hf
 from .loop import train_torch_loop
 from .lora import prepare_for_training
-from .losses import NonFiniteLossError
+from .losses import CollapsedTrainingError, NonFiniteLossError
 from .model import HEAD, ColQwen3
 from .oom import TrainingOutOfMemoryError, find_batch_size, is_oom_error, oom_advice
 from .processor import ColQwen3Processor
@@ -229,6 +229,10 @@ def _train_shrinking_on_oom(
             raise NonFiniteLossError(
                 err.step, err.loss, _non_finite_advice(run, err, latest_checkpoint(run.output_dir))
             ) from None
+        except CollapsedTrainingError as err:
+            raise CollapsedTrainingError(
+                err.step, err.steps, err.spread, _collapse_advice(run, err, latest_checkpoint(run.output_dir))
+            ) from None
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 last = latest_checkpoint(run.output_dir)
@@ -261,6 +265,25 @@ def _train_shrinking_on_oom(
     return result
 
 
+def _collapse_advice(config: TrainConfig, err: CollapsedTrainingError, last: Path | None) -> str:
+    saved = (
+        f"The last checkpoint, {last}, may predate the collapse; no final model was written."
+        if last
+        else "No checkpoint and no model were written."
+    )
+    return (
+        f"Training stopped at step {err.step}: for {err.steps} steps in a row every query scored all pages of its "
+        f"batch alike (largest spread {err.spread:.2g}, after the temperature {config.tau}). The embeddings have "
+        "collapsed to one direction; the gradients of a page and of its negatives then cancel, so the run cannot "
+        f"learn any more, and a model saved now would rank pages at random. {saved} Try a lower --lr (now "
+        f"{config.lr}"
+        + (f", --head-lr {config.head_lr}" if config.head_lr else "")
+        + f") or more --warmup-steps "
+        f"(now {config.warmup_steps}); --no-bf16 to train in float32; --loss pairwise. --collapse-patience 0 "
+        "trains on regardless."
+    )
+
+
 def _non_finite_advice(config: TrainConfig, err: NonFiniteLossError, last: Path | None) -> str:
     where = (
         f"The last good checkpoint is {last}: resume from it with a lower learning rate (--resume-from-checkpoint {last} --lr ...)."
@@ -273,4 +296,11 @@ def _non_finite_advice(config: TrainConfig, err: NonFiniteLossError, last: Path 
         + f", --warmup-steps {config.warmup_steps}, --max-grad-norm {config.max_grad_norm}). {where} "
         "Try a lower --lr (and --head-lr) or more --warmup-steps; "
         "check the data for empty pages or queries."
+        + (
+            " On an H100 or H200 with PyTorch 2.11 or later, sdpa's default (cuDNN) kernel can return NaN gradients "
+            "for padded batches of some lengths (pytorch/pytorch#196678): a loss that turns NaN at once, not after "
+            "growing, points there; try --attn-implementation eager or flash_attention_2."
+            if config.attn_implementation != "eager" and torch.cuda.is_available()
+            else ""
+        )
     )

@@ -232,6 +232,79 @@ def test_auto_batch_size_halves_the_batch_until_it_fits(tmp_path, monkeypatch, s
 # ------------------------------------------------------------------------------------------- learning
 
 
+# ------------------------------------------------------------------------------- a run that stops learning
+
+
+def _collapsed(build):
+    """`training.build_model` whose head maps every token to one vector: all embeddings equal, every score tied."""
+
+    def build_collapsed(config):
+        model, processor = build(config)
+        head = model.get_submodule("base_model.model.custom_text_proj.base_layer")
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(torch.linspace(-1, 1, head.bias.numel()))
+        return model, processor
+
+    return build_collapsed
+
+
+@pytest.mark.parametrize("trainer", ["torch", "hf"])
+def test_a_run_whose_embeddings_collapse_stops_with_advice_and_writes_no_model(
+    tmp_path, small_config, monkeypatch, trainer
+):
+    from colqwen3_lib import training
+    from colqwen3_lib.losses import CollapsedTrainingError
+
+    monkeypatch.setattr(training, "build_model", _collapsed(training.build_model))
+    config = small_config(
+        tmp_path / "out", trainer=trainer, max_steps=12, save_steps=100, collapse_patience=5
+    )
+    with pytest.raises(
+        CollapsedTrainingError, match="every query scored all pages of its batch alike"
+    ) as err:
+        train(config)
+    assert err.value.step == 5 and err.value.spread < 0.05
+    assert "--collapse-patience 0" in str(err.value) and "No checkpoint and no model were written" in str(
+        err.value
+    )
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_the_command_line_says_a_run_collapsed_in_one_line(tmp_path, monkeypatch, capsys):
+    from colqwen3_lib import training
+    from colqwen3_lib.train import main
+
+    monkeypatch.setattr(training, "build_model", _collapsed(training.build_model))
+    argv = ["--output-dir", str(tmp_path / "out"), "--base-model-path", "tiny", "--peft", "--max-steps", "8"]
+    argv += ["--per-device-train-batch-size", "8", "--max-visual-tokens", "16", "--eval-dataset", "none"]
+    assert main(argv + ["--collapse-patience", "3"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: Training stopped at step 3") and "Traceback" not in error
+
+
+def test_collapse_patience_0_trains_a_collapsed_run_to_the_end(tmp_path, small_config, monkeypatch):
+    from colqwen3_lib import training
+
+    monkeypatch.setattr(training, "build_model", _collapsed(training.build_model))
+    result = train(small_config(tmp_path / "out", trainer="torch", max_steps=6, collapse_patience=0))
+    assert result.metrics["summary"]["global_step"] == 6
+
+
+def test_the_guard_counts_tied_steps_in_a_row():
+    from colqwen3_lib.losses import TIED_SPREAD, CollapsedTrainingError, CollapseGuard
+
+    guard = CollapseGuard(patience=3)
+    for step, spread in enumerate([0.0, 0.0, 1.0, 0.0, 0.0], start=1):  # a real spread resets the count
+        guard.update(step, spread)
+    with pytest.raises(CollapsedTrainingError) as err:
+        guard.update(6, TIED_SPREAD / 2)
+    assert (err.value.step, err.value.steps) == (6, 3)
+    never = CollapseGuard(patience=0)
+    for step in range(100):
+        never.update(step, 0.0)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test, then the process's own count again: the same sums on every machine."""
@@ -267,3 +340,22 @@ def test_the_tiny_model_learns_the_synthetic_pages(tmp_path, loss, one_thread):
     after = ndcg(result.model, result.processor)
     assert before < 0.3
     assert after >= 0.8  # the time it takes is measured by benchmarks/bench_training.py, not here
+
+
+def test_a_loss_at_chance_after_the_warm_up_is_warned_about_once(caplog):
+    """ln(32) = 3.466 is the loss of scores that ignore the page; 20 steps whose mean stays within 0.05 of it,
+    after the warm-up, earn one warning with what to try; a run below it earns none."""
+    import logging
+    import math
+
+    from colqwen3_lib.losses import CollapseGuard
+
+    chance = math.log(32)
+    stuck, learning = CollapseGuard(patience=20, after_step=10), CollapseGuard(patience=20, after_step=10)
+    with caplog.at_level(logging.WARNING, logger="colqwen3_lib.losses"):
+        for step in range(1, 80):
+            stuck.update(step, spread=1.9, loss=chance + (0.08 if step % 2 else -0.1), chance=chance)
+            learning.update(step, spread=2.5, loss=max(0.5, chance - 0.02 * step), chance=chance)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith("step 30: the loss has stayed at chance level")
+    assert "--warmup-steps" in warnings[0]
