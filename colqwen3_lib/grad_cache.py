@@ -5,8 +5,9 @@ Gradient accumulation keeps the optimizer's batch but not the negatives: each lo
 its micro-batch. The gradient cache keeps them all. A contrastive loss depends on the parameters only
 through the embeddings, so its gradient splits in two: dL/dθ = Σ_rows dL/de · de/dθ. One step:
 
-1. embed the queries and pages in chunks of `chunk_size` rows without autograd (no activations kept),
-   remembering the random state each chunk started from;
+1. embed the queries and pages in chunks without autograd (no activations kept), remembering the random
+   state each chunk started from: pages `chunk_size` at a time, queries as many as hold as many tokens
+   (usually all of them: a forward pass costs a launch of every kernel, whatever its size);
 2. compute the loss over the whole batch from those embeddings (with every process's pages, gathered as
    `losses.contrastive_loss` gathers them) and back-propagate it to the embeddings only: dL/de, cached;
 3. run each chunk again with autograd, from its saved random state (so dropout draws the same masks), and
@@ -87,6 +88,17 @@ def split_rows(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str
     ]
 
 
+def chunk_rows(inputs: dict, prefix: str, chunk_size: int) -> int:
+    """Rows per forward pass for the `prefix` part of a collated batch: `chunk_size` for pages; for queries, as
+    many as hold the tokens of `chunk_size` pages (queries are some 30 tokens, pages hundreds), so that the
+    queries of a batch usually make one chunk: each forward pass is a launch of every kernel of the model,
+    and a chunk of 8 queries would spend it on a few hundred tokens."""
+    if prefix != "query_" or "doc_input_ids" not in inputs:
+        return chunk_size
+    query_len, page_len = inputs["query_input_ids"].shape[1], inputs["doc_input_ids"].shape[1]
+    return max(chunk_size, chunk_size * page_len // max(query_len, 1))
+
+
 def embed_in_chunks(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int
 ) -> tuple[torch.Tensor, list[RandomState]]:
@@ -114,7 +126,7 @@ def chunked_loss(
 ) -> torch.Tensor:
     """The loss of a collated batch embedded in chunks, without autograd (evaluation with the gradient cache on)."""
     embeddings = {
-        prefix: embed_in_chunks(model, sub_batch(inputs, prefix), chunk_size)[0]
+        prefix: embed_in_chunks(model, sub_batch(inputs, prefix), chunk_rows(inputs, prefix, chunk_size))[0]
         for prefix in EMBED_ORDER
         if f"{prefix}input_ids" in inputs
     }
@@ -139,7 +151,8 @@ def grad_cache_step(
         model: The model being trained (bare, or wrapped by DDP / FSDP).
         inputs: A collated batch (`query_*`, `doc_*` and optional `neg_doc_*` keys, `data.ContrastiveCollator`).
         loss_fn: The contrastive loss, over the whole batch and every process's pages.
-        chunk_size: Rows per forward pass (queries and pages alike).
+        chunk_size: Pages per forward pass; queries go as many at a time as hold as many tokens
+            (`chunk_rows`).
         backward: Back-propagates a scalar (default `Tensor.backward`); the trainers pass
             `accelerator.backward`, with the loss scaling of gradient accumulation applied to it.
         no_sync: A context manager factory that keeps gradients local (DDP's `no_sync`); all but the
@@ -151,7 +164,8 @@ def grad_cache_step(
     """
     backward = backward or torch.Tensor.backward
     present = [prefix for prefix in EMBED_ORDER if f"{prefix}input_ids" in inputs]
-    chunks = {prefix: split_rows(sub_batch(inputs, prefix), chunk_size) for prefix in present}
+    rows = {prefix: chunk_rows(inputs, prefix, chunk_size) for prefix in present}
+    chunks = {prefix: split_rows(sub_batch(inputs, prefix), rows[prefix]) for prefix in present}
 
     # 1. Embed every chunk without a graph, remembering the random state each one started from.
     cached, states = {}, {}
@@ -167,7 +181,7 @@ def grad_cache_step(
     loss.backward()
     # Dropping the loss's graph frees the cached embeddings: only their gradients stay.
     loss = loss.detach()
-    cached_grads = {prefix: leaf.grad.split(chunk_size) for prefix, leaf in leaves.items()}
+    cached_grads = {prefix: leaf.grad.split(rows[prefix]) for prefix, leaf in leaves.items()}
     del leaves, cached
 
     # 3. Each chunk again, with a graph and the same dropout masks; its cached gradient flows to the parameters.

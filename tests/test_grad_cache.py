@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from colqwen3_lib import ColQwen3, ColQwen3Processor
 from colqwen3_lib import grad_cache as grad_cache_module
 from colqwen3_lib.data import ContrastiveCollator, load_pairs
-from colqwen3_lib.grad_cache import chunked_loss, grad_cache_step, split_rows, sync_control
+from colqwen3_lib.grad_cache import chunk_rows, chunked_loss, grad_cache_step, split_rows, sync_control
 from colqwen3_lib.lora import prepare_for_training
 from colqwen3_lib.losses import ColbertContrastiveLoss, contrastive_loss, loss_over_processes, sub_batch
 from colqwen3_lib.training import train
@@ -38,9 +38,9 @@ DROPOUT = 0.1
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _batch(rows: list[int], hard_negatives: bool = False) -> dict:
+def _batch(rows: list[int], hard_negatives: bool = False, visual_tokens: int = 16) -> dict:
     """Collated synthetic pairs (16 visual tokens); with hard negatives, the pages of rows 100 further on."""
-    processor = ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=16)
+    processor = ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=visual_tokens)
     pairs = load_pairs("synthetic", "train")
     items = [pairs[i] for i in rows]
     if hard_negatives:
@@ -81,7 +81,9 @@ def _set_dropout(model: torch.nn.Module, p: float) -> None:
 def _same_chunks_with_autograd(model, batch: dict, loss_fn, chunk_size: int) -> torch.Tensor:
     """The reference with dropout on: every chunk forward with autograd kept, in the cache's order, one backward."""
     embeddings = {
-        prefix: torch.cat([model(**chunk) for chunk in split_rows(sub_batch(batch, prefix), chunk_size)])
+        prefix: torch.cat(
+            [model(**c) for c in split_rows(sub_batch(batch, prefix), chunk_rows(batch, prefix, chunk_size))]
+        )
         for prefix in ("query_", "doc_", "neg_doc_")
         if f"{prefix}input_ids" in batch
     }
@@ -167,6 +169,22 @@ def test_without_dropout_one_step_equals_the_whole_batch_at_once(tiny_path, case
     cached_loss, cached = _step(model, batch, loss_fn, "cache")
     whole_loss, whole = _step(model, batch, loss_fn, "whole")
     assert cached_loss == pytest.approx(whole_loss, rel=1e-6)
+    assert _largest_difference(cached, whole) < TOLERANCE
+
+
+def test_queries_go_as_many_at_a_time_as_hold_a_page_chunks_tokens(tiny_path):
+    """8 queries of 20 tokens against pages of 77: a chunk of 3 pages holds 231 tokens, so all 8 queries (160
+    tokens) make one chunk: two forward passes of queries per step, not six; the gradient is the same."""
+    model = _model(True, 0.0, False)
+    batch, loss_fn = _batch(list(range(8)), visual_tokens=64), ColbertContrastiveLoss("ce")
+    assert (batch["query_input_ids"].shape[1], batch["doc_input_ids"].shape[1]) == (20, 77)
+    calls = []
+    forward = model.forward
+    model.forward = lambda **kw: calls.append("page" if "pixel_values" in kw else "query") or forward(**kw)
+    _, cached = _step(model, batch, loss_fn, "cache")
+    assert calls.count("query") == 2 and calls.count("page") == 2 * 3
+    model.forward = forward
+    _, whole = _step(model, batch, loss_fn, "whole")
     assert _largest_difference(cached, whole) < TOLERANCE
 
 
