@@ -119,11 +119,13 @@ def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def run(cases) -> list[dict]:
+def run(cases, steps: int = 2) -> list[dict]:
+    """Measure and predict each case; with `steps` of 3 or more, also the time of a step after the first."""
     rows = []
     for name, config, setup in cases:
         start = time.perf_counter()
-        measured = measure_training_step(setup, config=config)
+        step_seconds = []
+        measured = measure_training_step(setup, config=config, steps=steps, step_seconds=step_seconds)
         estimate = estimate_memory(setup, config=config)
         parts = {k: v for k, v in estimate.breakdown().items() if k != "total"}
         fixed = estimate.weights + estimate.trainable
@@ -144,6 +146,7 @@ def run(cases) -> list[dict]:
             phase=estimate.peak_phase,
             largest=max(parts, key=parts.get),
             seconds=time.perf_counter() - start,
+            step_seconds=step_seconds[-1] if steps > 2 else None,
         )
         rows.append(row)
         print(

@@ -14,6 +14,7 @@ import gc
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -197,7 +198,9 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     return max(total for _, _, total in events) - start
 
 
-def measure_training_step(setup: TrainingSetup, config=None, steps: int = 2, seed: int = 0) -> int:
+def measure_training_step(
+    setup: TrainingSetup, config=None, steps: int = 2, seed: int = 0, step_seconds: list | None = None
+) -> int:
     """Measured peak memory (bytes) of a real ColQwen3 training step, random weights, no download.
 
     Runs `steps` steps (forward of queries and pages, `ColbertContrastiveLoss`, backward, AdamW step,
@@ -211,6 +214,8 @@ def measure_training_step(setup: TrainingSetup, config=None, steps: int = 2, see
         config: A `Qwen3VLConfig` instead of the published `setup.model_size` architecture.
         steps: Steps to run (the first creates the optimizer states).
         seed: Seed for the random weights.
+        step_seconds: If given, the wall time of each step but the measured one (whose profiling on the CPU
+            slows it) is appended to it: a step time that benchmarks can quote.
     """
     if setup.optimizer != "adamw":
         raise ValueError("measure_training_step runs AdamW; set optimizer='adamw'")
@@ -242,7 +247,12 @@ def measure_training_step(setup: TrainingSetup, config=None, steps: int = 2, see
         optimizer.zero_grad(set_to_none=True)
 
     for _ in range(steps - 1):
+        start = time.perf_counter()
         step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - start)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()

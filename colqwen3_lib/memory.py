@@ -10,7 +10,8 @@ alone, by counting what is resident and what autograd saves for backward:
 - gradients: one per trainable parameter, alive after backward and during the optimizer step;
 - activations: the tensors saved for backward, counted per token and per layer (below);
 - workspace: short-lived buffers at the peak (the loss's similarity block and its gradient, one
-  layer's gradient buffers, the optimizer's temporaries).
+  layer's gradient buffers, the optimizer's temporaries); on CUDA also the libraries' workspaces
+  (`CUDA_LIBRARY_BYTES`) and a margin of `CUDA_MARGIN` on the activations and workspace, both measured.
 
 Peak = weights + trainable/optimizer + the largest of five moments: the vision tower's forward
 (one block's temporaries over all patches, plus the unpadded float32 copy of the pixels that
@@ -65,6 +66,13 @@ OPTIMIZER_STATES = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _FP32 = 4
 _LORA_BYTES = 4  # peft keeps adapter weights (and so their inputs) in float32
+# On CUDA, what the count above leaves out, measured on an H200 with torch 2.11 (2026-12-04,
+# benchmarks/memory_accuracy_gpu.md): the libraries' workspaces that PyTorch's allocator holds for the whole
+# step (cuBLAS, cuDNN; the tiny model's step peaked at 217 MiB where the count gave 125), and a margin on the
+# activations and workspace for the allocator's rounding and kernels' temporaries (nine steps of the real
+# 2B/4B/8B architectures peaked 0.4-3.5% above the count, the most where activations dominate).
+CUDA_LIBRARY_BYTES = 96 * 2**20
+CUDA_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -494,6 +502,11 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
         }
         if not setup.lora:
             moments["chunk vision backward"] = (all_gradients, pixels + cache + vision_saved, vision_bwd_ws)
+    if setup.device == "cuda":
+        moments = {
+            name: (grads, alive, ws + CUDA_LIBRARY_BYTES + int(CUDA_MARGIN * (alive + ws)))
+            for name, (grads, alive, ws) in moments.items()
+        }
     totals = {name: sum(parts) for name, parts in moments.items()}
     phase = max(totals, key=totals.get)
     gradients, alive, workspace = moments[phase]

@@ -165,8 +165,8 @@ def test_the_gradient_cache_peak_is_set_by_the_chunk_not_the_batch(size, lora):
 
 def test_the_gradient_cache_holds_the_whole_batch_loss_and_embeddings():
     """At chunk 1 the loss's similarity block (queries x pages of the whole batch) and the embeddings dominate
-    what changes with the batch; they are counted exactly."""
-    setup = TrainingSetup(model_size="2b", batch_size=64, grad_cache_chunk_size=1)
+    what changes with the batch; they are counted exactly (on the CPU: CUDA adds a margin, tested below)."""
+    setup = TrainingSetup(model_size="2b", batch_size=64, grad_cache_chunk_size=1, device="cpu")
     at_loss = estimate_memory(setup).phases["loss"]
     doubled = estimate_memory(setup, batch_size=128).phases["loss"]
     a, seq_q, seq_p, dim = 2, 30, 788, 128
@@ -178,8 +178,10 @@ def test_the_gradient_cache_holds_the_whole_batch_loss_and_embeddings():
 
 
 def test_more_processes_mean_a_larger_similarity_block():
-    one = estimate_memory(model_size="2b", batch_size=64, grad_cache_chunk_size=8)
-    eight = estimate_memory(model_size="2b", batch_size=64, grad_cache_chunk_size=8, world_size=8)
+    one = estimate_memory(model_size="2b", batch_size=64, grad_cache_chunk_size=8, device="cpu")
+    eight = estimate_memory(
+        model_size="2b", batch_size=64, grad_cache_chunk_size=8, world_size=8, device="cpu"
+    )
     a, seq_q, seq_p, dim = 2, 30, 788, 128
     block_growth = 64 * (8 - 1) * 64 * seq_q * seq_p * a  # 64 queries against 7 more processes' 64 pages
     gathered = 8 * 64 * seq_p * dim * a
@@ -190,3 +192,27 @@ def test_more_processes_mean_a_larger_similarity_block():
         TrainingSetup(world_size=0)
     with pytest.raises(ValueError, match="grad_cache_chunk_size must be at least 1"):
         TrainingSetup(grad_cache_chunk_size=0)
+
+
+def test_on_cuda_the_libraries_workspaces_and_a_margin_are_added(monkeypatch):
+    """What a CUDA step holds beyond the count (measured on an H200): a fixed cost, and 2% of what is counted
+    for activations and workspace; weights and optimizer states are exact and get nothing."""
+    from colqwen3_lib import memory
+
+    estimates = {}
+    for label, fixed, margin in (
+        ("counted", 0, 0.0),
+        ("cuda", memory.CUDA_LIBRARY_BYTES, memory.CUDA_MARGIN),
+    ):
+        monkeypatch.setattr(memory, "CUDA_LIBRARY_BYTES", fixed)
+        monkeypatch.setattr(memory, "CUDA_MARGIN", margin)
+        estimates[label] = estimate_memory(model_size="2b", batch_size=16, device="cuda")
+    counted, cuda = estimates["counted"], estimates["cuda"]
+    assert cuda.peak_phase == counted.peak_phase
+    assert (cuda.weights, cuda.trainable) == (counted.weights, counted.trainable)
+    added = cuda.total - counted.total
+    assert added == 96 * 2**20 + int(0.02 * (counted.activations + counted.workspace))
+    assert (
+        estimate_memory(model_size="tiny", batch_size=8, max_visual_tokens=256, device="cuda").total
+        > 96 * 2**20
+    )
