@@ -109,6 +109,7 @@ def _write_tiny(path: Path, seed: int) -> None:
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(config_dict)))
     model.save_pretrained(path, safe_serialization=True)
+    _check_hub_layout(path / "model.safetensors")
     # Overwrite the config with the hub's own format (as written for the real checkpoints).
     config_dict["dtype"] = "float32"
     (path / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
@@ -121,6 +122,30 @@ def _write_tiny(path: Path, seed: int) -> None:
     (path / "video_preprocessor_config.json").write_text(json.dumps(_VIDEO_PROCESSOR, indent=2) + "\n")
     (path / "chat_template.json").write_text(json.dumps({"chat_template": _CHAT_TEMPLATE}, indent=2) + "\n")
     _write_tokenizer(path)
+
+
+HUB_PREFIXES = ("model.language_model.", "model.visual.", "lm_head.")
+
+
+def _check_hub_layout(weights: Path) -> None:
+    """The tiny checkpoint must name its tensors as the hub's Qwen3-VL checkpoints do (`model.visual.*`,
+    `model.language_model.*`): the loading code it stands in for is tested on exactly that layout.
+
+    Raises:
+        RuntimeError: transformers wrote other names. A library imported into this process can register its own
+            renaming of Qwen3-VL checkpoints (colpali-engine does, under transformers versions without one).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        odd = sorted(k for k in f.keys() if not k.startswith(HUB_PREFIXES))
+    if odd:
+        raise RuntimeError(
+            f"transformers saved the tiny checkpoint with tensor names the hub's Qwen3-VL checkpoints do not use "
+            f"(e.g. {odd[:2]}): something imported into this process changed how Qwen3-VL checkpoints are saved "
+            "(colpali-engine registers its own renaming under some transformers versions). Build it in a fresh "
+            "process: python -c 'from colqwen3_lib import resolve_model_path; resolve_model_path(\"tiny\")'"
+        )
 
 
 def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:

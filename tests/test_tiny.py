@@ -83,3 +83,22 @@ def test_tiny_sentinel_resolves_to_the_cached_checkpoint(tiny_path):
     assert resolve_model_path("tiny") == str(tiny_path)
     assert resolve_model_path("Qwen/Qwen3-VL-2B-Instruct") == "Qwen/Qwen3-VL-2B-Instruct"
     assert AutoConfig.from_pretrained(resolve_model_path("tiny")).model_type == "qwen3_vl"
+
+
+def test_a_checkpoint_saved_under_another_renaming_is_refused_and_nothing_is_left(tmp_path, monkeypatch):
+    """A library can register its own renaming of Qwen3-VL checkpoints in transformers (colpali-engine does under
+    transformers 5.17): the tiny checkpoint would then be written as `model.model.*` and load nowhere else."""
+    from safetensors.torch import save_file
+    from transformers import Qwen3VLForConditionalGeneration
+
+    save = Qwen3VLForConditionalGeneration.save_pretrained
+
+    def save_renamed(self, path, **kwargs):
+        save(self, path, **kwargs)
+        weights = load_file(f"{path}/model.safetensors")
+        save_file({"model." + k: v.contiguous() for k, v in weights.items()}, f"{path}/model.safetensors")
+
+    monkeypatch.setattr(Qwen3VLForConditionalGeneration, "save_pretrained", save_renamed)
+    with pytest.raises(RuntimeError, match=r"model\.model\..*Build it in a fresh process"):
+        make_tiny_checkpoint(tmp_path / "tiny")
+    assert not (tmp_path / "tiny").exists() and list(tmp_path.iterdir()) == []
