@@ -2,7 +2,9 @@
 
 - `suggest_settings` / `recommended_verdicts`: the largest per-device batch that the estimator
   (`memory.py`) says fits a device, with the accumulation that keeps the effective batch, and the
-  gradient-cache chunk that fits the whole batch instead (`largest_chunk_size`: every negative kept).
+  gradient-cache chunk that fits the whole batch instead (`largest_chunk_size`: every negative kept);
+  of the settings that fit, the fastest by step times measured on an H200 (`STEP_TIME_*`): without
+  gradient checkpointing when that fits too.
 - `is_oom_error`, `find_batch_size` (shrink the batch after each out-of-memory error until a step
   runs: the training CLI's `--auto-batch-size` uses it) and `oom_advice` (what to change next, most
   effective first: the training CLI's error message, the doctor and notebook 05 all print it).
@@ -28,6 +30,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 HEADROOM = 0.9  # share of a device's memory an estimate may use (CUDA context, allocator fragmentation)
+# Step time against a plain step with gradient checkpointing at the same batch, measured on an H200 (2B, LoRA,
+# bf16, 768 visual tokens, 2026-12-04; benchmarks/gpu/2026-12-04-run0.jsonl and -run1.md): without checkpointing
+# (batch 16), and with the gradient cache in chunks of 8 (batch 64), with and without checkpointing.
+STEP_TIME_WITHOUT_CHECKPOINTING = 0.72
+STEP_TIME_CACHE = {True: 1.53, False: 1.21}  # gradient checkpointing: relative step time
+FAST_CHUNK = 8  # the smallest chunk measured; smaller chunks leave a GPU idle between kernels
 
 
 class TrainingOutOfMemoryError(RuntimeError):
@@ -45,6 +53,9 @@ class Suggestion:
     fits: bool
     note: str
     grad_cache_chunk_size: int | None = None  # when the batch needs accumulation: a chunk that fits it whole
+    # With that chunk, or with the batch when it fits: whether to checkpoint (False when the faster setting,
+    # without it, also fits); None: as the setup has it.
+    gradient_checkpointing: bool | None = None
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "estimate"}
@@ -129,9 +140,18 @@ def suggest_settings(
         batch = divisor  # e.g. 32 x 2 rather than 63 x 2: the effective batch stays exactly as wanted
     steps = gradient_accumulation_steps(wanted, batch, num_devices)
     estimate = estimate_memory(setup, batch_size=batch)
-    chunk = None
+    chunk, checkpointing = None, None
     if batch >= setup.batch_size:
         note = "fits"
+        if (
+            setup.gradient_checkpointing
+            and estimate_memory(setup, gradient_checkpointing=False).total <= budget
+        ):
+            checkpointing = False
+            note += (
+                "; also without gradient checkpointing (--no-gradient-checkpointing), whose steps took "
+                f"{STEP_TIME_WITHOUT_CHECKPOINTING:.2f}x the time on an H200"
+            )
     else:
         note = (
             f"needs gradient accumulation: batch {batch} x {steps} steps"
@@ -139,16 +159,29 @@ def suggest_settings(
             + f" for an effective {batch * steps * num_devices} (in-batch negatives: {batch} per step)"
         )
         if setup.grad_cache_chunk_size is None:
-            chunk = (
-                min(largest_chunk_size(budget, setup), setup.batch_size // 2) or None
-            )  # a chunk, not the batch
+            chunk, checkpointing = _fastest_chunk(budget, setup)
         if chunk:
-            cached = estimate_memory(setup, grad_cache_chunk_size=chunk)
-            note += (
-                f"; or keep all {setup.batch_size} negatives per step with --grad-cache-chunk-size {chunk} "
-                f"(~{cached.total_gib:.1f} GiB, about one more forward pass per step)"
+            cached = estimate_memory(setup, grad_cache_chunk_size=chunk, gradient_checkpointing=checkpointing)
+            flags = f"--grad-cache-chunk-size {chunk}" + (
+                " --no-gradient-checkpointing" if setup.gradient_checkpointing and not checkpointing else ""
             )
-    return Suggestion(batch, steps, batch * steps * num_devices, estimate, True, note, chunk)
+            note += (
+                f"; or keep all {setup.batch_size} negatives per step with {flags} (~{cached.total_gib:.1f} GiB; "
+                f"its steps took {STEP_TIME_CACHE[checkpointing]:.2f}x a plain step's time on an H200)"
+            )
+    return Suggestion(batch, steps, batch * steps * num_devices, estimate, True, note, chunk, checkpointing)
+
+
+def _fastest_chunk(budget: float, setup: TrainingSetup) -> tuple[int | None, bool]:
+    """The gradient-cache chunk (at most half the batch) that fits the whole batch, and whether to checkpoint:
+    without checkpointing when a chunk of at least `FAST_CHUNK` fits so (measured faster), else as the setup does."""
+    half = setup.batch_size // 2
+    if setup.gradient_checkpointing:
+        plain = min(largest_chunk_size(budget, setup, gradient_checkpointing=False), half)
+        if plain >= FAST_CHUNK:
+            return plain, False
+    chunk = min(largest_chunk_size(budget, setup), half)
+    return chunk or None, setup.gradient_checkpointing
 
 
 def recommended_verdicts(memory_gib: float | None, **overrides) -> list[dict]:

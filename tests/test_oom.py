@@ -27,7 +27,7 @@ def test_suggestion_keeps_the_effective_batch_and_fits_the_budget():
     assert "gradient accumulation" in suggestion.note
 
     roomy = oom.suggest_settings(1000, setup)
-    assert (roomy.batch_size, roomy.gradient_accumulation_steps, roomy.note) == (64, 1, "fits")
+    assert (roomy.batch_size, roomy.gradient_accumulation_steps) == (64, 1) and roomy.note.startswith("fits")
 
     hopeless = oom.suggest_settings(4, replace(setup, model_size="8b"))
     assert not hopeless.fits and "does not fit" in hopeless.note
@@ -159,3 +159,32 @@ def test_out_of_memory_advice_offers_the_gradient_cache_first_and_a_smaller_chun
     assert f"--grad-cache-chunk-size {chunk} " in on and chunk < 32
     unknown = oom.oom_advice(TrainingSetup(model_size=None, batch_size=64, grad_cache_chunk_size=16))
     assert "--grad-cache-chunk-size 8 " in unknown  # no estimate: half the chunk
+
+
+def test_the_fastest_setting_that_fits_is_suggested():
+    """Measured on an H200: without checkpointing a step took 0.72x the time, and the gradient cache 1.21x
+    without it against 1.53x with it. So a batch that also fits without checkpointing is told so, and a cache
+    chunk of at least 8 pages that fits without checkpointing is preferred to a larger one with it."""
+    small = TrainingSetup(model_size="2b", batch_size=16)
+    roomy = oom.suggest_settings(80, small)
+    assert roomy.gradient_checkpointing is False and "--no-gradient-checkpointing" in roomy.note
+    assert estimate_memory(small, gradient_checkpointing=False).total <= 80 * GIB * oom.HEADROOM
+    assert oom.suggest_settings(20, small).gradient_checkpointing is None  # only with checkpointing
+
+    setup = TrainingSetup(model_size="2b", batch_size=256)
+    seen = set()
+    for gib in range(20, 200, 10):
+        suggestion = oom.suggest_settings(gib, setup)
+        chunk, budget = suggestion.grad_cache_chunk_size, gib * GIB * oom.HEADROOM
+        if chunk is None:
+            continue
+        seen.add(suggestion.gradient_checkpointing)
+        fits = estimate_memory(
+            setup, grad_cache_chunk_size=chunk, gradient_checkpointing=suggestion.gradient_checkpointing
+        )
+        assert fits.total <= budget
+        if suggestion.gradient_checkpointing is False:
+            assert chunk >= oom.FAST_CHUNK and "--no-gradient-checkpointing (" in suggestion.note
+        else:
+            assert oom.largest_chunk_size(budget, setup, gradient_checkpointing=False) < oom.FAST_CHUNK
+    assert seen == {True, False}
