@@ -2,16 +2,20 @@
 
 Every page keeps all its token vectors (or its pooled vectors, `pooling.py`): the vectors of all pages
 lie end to end in one (n_vectors, dim) tensor, and `offsets` says where each page starts. On disk an
-index is a folder of two files: `vectors.safetensors` (the tensor and the offsets) and `index.json`
-(one metadata record per page, e.g. the PDF and page number, plus free-form `info` such as the model
-that embedded the pages). Searching scores the queries against every page with `score_multi_vector`:
+index is a folder of two files: `vectors-<hash>.safetensors` (the tensor and the offsets, named by the
+start of its SHA-256) and `index.json` (one metadata record per page, e.g. the PDF and page number,
+free-form `info` such as the model that embedded the pages, and the vectors file's name and hash).
+Saving over an index is atomic: the new vectors go beside the old ones, `index.json` is replaced in
+one step, then the old vectors are removed, so a crash leaves the old index or the new one, whole. Searching scores the queries against every page with `score_multi_vector`:
 exact, brute-force MaxSim, fine up to some hundred thousand pages on one machine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,9 +25,10 @@ from safetensors.torch import load_file, save_file
 from .scoring import score_multi_vector
 
 INDEX_FORMAT = "colqwen3-multi-vector-index"
-INDEX_VERSION = 1
-VECTORS_FILE = "vectors.safetensors"
+INDEX_VERSION = 2  # 1: vectors.safetensors, no hash (still read)
+LEGACY_VECTORS_FILE = "vectors.safetensors"
 PAGES_FILE = "index.json"
+RESULT_FIELDS = ("rank", "index", "score")  # what `search` adds to each page's metadata
 DTYPE = torch.float16  # half the bytes of float32; MaxSim on a CPU is computed in float32 anyway
 
 
@@ -77,7 +82,7 @@ class MultiVectorIndex:
                 self._vectors = self._vectors.new_empty(0, self.dim)
             if embedding.shape[1] != self.dim:
                 raise ValueError(f"page {i} has dim {embedding.shape[1]}, the index holds dim {self.dim}")
-            _check_json(page, f"metadata of page {i}")
+            _check_page(page, f"metadata of page {i}")
         for embedding, page in zip(embeddings, pages):
             vectors = embedding.detach().to("cpu", self.dtype)  # (n_tokens, dim)
             self._chunks.append(vectors)
@@ -144,7 +149,11 @@ class MultiVectorIndex:
         ]
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to folder `path` (created; the two index files there are replaced).
+        """Write the index to folder `path` (created), replacing an index saved there before, atomically.
+
+        The new vectors are written beside the old ones under their own name, then `index.json` is replaced in
+        one step (a rename), then the old vectors are removed: a crash at any moment leaves the old index or the
+        new one, whole. Other files in the folder are left alone.
 
         Returns:
             The folder.
@@ -153,7 +162,9 @@ class MultiVectorIndex:
             raise ValueError("the index is empty: add pages before saving it")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({"vectors": self.vectors.contiguous(), "offsets": self.offsets}, str(path / VECTORS_FILE))
+        vectors_file, digest = _write_vectors(
+            path, {"vectors": self.vectors.contiguous(), "offsets": self.offsets}
+        )
         record = {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
@@ -161,10 +172,13 @@ class MultiVectorIndex:
             "dtype": str(self.dtype).removeprefix("torch."),
             "n_pages": len(self),
             "n_vectors": self.n_vectors,
+            "vectors_file": vectors_file,
+            "vectors_sha256": digest,
             "info": self.info,
             "pages": self.pages,
         }
-        (path / PAGES_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        _replace_file(path / PAGES_FILE, json.dumps(record, indent=1) + "\n")
+        _remove_other_vectors(path, vectors_file)
         return path
 
     @classmethod
@@ -173,26 +187,38 @@ class MultiVectorIndex:
 
         Raises:
             FileNotFoundError: `path` or one of its two files is missing.
-            ValueError: the files are not an index of this format, or disagree with each other.
+            ValueError: the files are not an index of this format, `index.json` has a field of the wrong kind,
+                or the vectors are not those `index.json` was saved with.
         """
         path = Path(path)
-        for name in (PAGES_FILE, VECTORS_FILE):
-            if not (path / name).is_file():
-                raise FileNotFoundError(
-                    f"{path / name} does not exist: {path} is not a saved index (it needs "
-                    f"{PAGES_FILE} and {VECTORS_FILE}, written by MultiVectorIndex.save)"
-                )
+        if not (path / PAGES_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path / PAGES_FILE} does not exist: {path} is not a saved index (it needs {PAGES_FILE} and "
+                "the vectors file it names, written by MultiVectorIndex.save)"
+            )
         try:
             record = json.loads((path / PAGES_FILE).read_text())
-            tensors = load_file(str(path / VECTORS_FILE))
-        except Exception as err:
+        except (OSError, ValueError) as err:
             raise ValueError(f"{path} could not be read as an index ({type(err).__name__}: {err})") from err
         if not isinstance(record, dict) or record.get("format") != INDEX_FORMAT:
             raise ValueError(f"{path / PAGES_FILE} is not a {INDEX_FORMAT} file")
-        if record.get("version") != INDEX_VERSION:
+        if record.get("version") not in (1, INDEX_VERSION):
             raise ValueError(
-                f"{path} is an index of version {record.get('version')}; this kit reads version {INDEX_VERSION}"
+                f"{path} is an index of version {record.get('version')}; this kit reads versions 1 and {INDEX_VERSION}"
             )
+        _check_record(record, path / PAGES_FILE)
+        vectors_file = path / record.get("vectors_file", LEGACY_VECTORS_FILE)
+        if not vectors_file.is_file():
+            raise FileNotFoundError(f"{vectors_file} does not exist: the index at {path} lacks its vectors")
+        if "vectors_sha256" in record and _sha256(vectors_file) != record["vectors_sha256"]:
+            raise ValueError(
+                f"{vectors_file} is not the file {PAGES_FILE} was saved with (its SHA-256 differs): it was changed "
+                "or damaged after the save; rebuild the index"
+            )
+        try:
+            tensors = load_file(str(vectors_file))
+        except Exception as err:
+            raise ValueError(f"{path} could not be read as an index ({type(err).__name__}: {err})") from err
         vectors, offsets = tensors.get("vectors"), tensors.get("offsets")
         if (
             vectors is None
@@ -206,11 +232,87 @@ class MultiVectorIndex:
             or len(record["pages"]) != record["n_pages"]
         ):
             raise ValueError(
-                f"{path}: {VECTORS_FILE} and {PAGES_FILE} disagree (pages, vectors or dim); rebuild the index"
+                f"{path}: {vectors_file.name} and {PAGES_FILE} disagree (pages, vectors or dim); rebuild the index"
             )
         index = cls(record["dim"], vectors.dtype, record["info"])
         index._vectors, index._offsets, index.pages = vectors, offsets.tolist(), record["pages"]
         return index
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_vectors(folder: Path, tensors: dict) -> tuple[str, str]:
+    """Write `tensors` into `folder` as vectors-<hash>.safetensors (a temporary name first); its name and SHA-256."""
+    fd, tmp = tempfile.mkstemp(prefix=".vectors-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp)
+        _usual_mode(tmp)
+        digest = _sha256(Path(tmp))
+        name = f"vectors-{digest[:16]}.safetensors"
+        os.replace(tmp, folder / name)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return name, digest
+
+
+def _usual_mode(file: str) -> None:
+    """The permissions a plain `open` would give (temporary files are owner-only): others may read the index."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
+
+
+def _remove_other_vectors(folder: Path, keep: str) -> None:
+    for old in [*folder.glob("vectors-*.safetensors"), folder / LEGACY_VECTORS_FILE]:
+        if old.name != keep and old.is_file():
+            old.unlink()
+
+
+def _replace_file(file: Path, text: str) -> None:
+    """Write `file` under a temporary name, flush it to disk, then rename it over the old one: one step."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}-", suffix=".tmp", dir=file.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _usual_mode(tmp)
+        os.replace(tmp, file)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _check_record(record: dict, where: Path) -> None:
+    """Each field of an `index.json` of the kind `save` writes, or one ValueError naming the first that is not."""
+    kinds = {"dim": int, "n_pages": int, "pages": list, "info": dict, "dtype": str}
+    for field, kind in kinds.items():
+        value = record.get(field)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            wanted = "a positive whole number" if kind is int else f"a JSON {kind.__name__}"
+            raise ValueError(
+                f"{where}: `{field}` should be {wanted}, found {value!r}; rebuild the index or restore the file"
+            )
+    for i, page in enumerate(record["pages"]):
+        if not isinstance(page, dict):
+            raise ValueError(f"{where}: page {i} should be a JSON object of metadata, found {page!r}")
+        _check_page(page, f"{where}: page {i}")
+
+
+def _check_page(page: dict, what: str) -> None:
+    clash = [key for key in RESULT_FIELDS if key in page]
+    if clash:
+        raise ValueError(
+            f"{what} has the key(s) {clash}, which search results use for their own fields ({', '.join(RESULT_FIELDS)}); "
+            "rename them (e.g. 'page_score')"
+        )
+    _check_json(page, what)
 
 
 def _check_json(value, what: str) -> None:

@@ -1,13 +1,15 @@
 """The multi-vector index: what is saved loads back bit for bit, and search is MaxSim over the pages."""
 
 import json
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from colqwen3_lib import search
 from colqwen3_lib.scoring import score_multi_vector
-from colqwen3_lib.search import PAGES_FILE, VECTORS_FILE, MultiVectorIndex
+from colqwen3_lib.search import PAGES_FILE, MultiVectorIndex
 
 
 def _pages(lengths, dim=16, seed=0):
@@ -116,6 +118,108 @@ def test_missing_or_damaged_index_is_refused(index, tmp_path):
     with pytest.raises(ValueError, match="is not a colqwen3-multi-vector-index file"):
         MultiVectorIndex.load(path)
     index.save(path)
-    (path / VECTORS_FILE).write_bytes(b"truncated")
-    with pytest.raises(ValueError, match="could not be read as an index"):
+    vectors = _vectors_file(path)
+    vectors.write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="is not the file index.json was saved with"):
+        MultiVectorIndex.load(path)
+    vectors.unlink()
+    with pytest.raises(FileNotFoundError, match="lacks its vectors"):
+        MultiVectorIndex.load(path)
+
+
+def _vectors_file(folder):
+    (vectors,) = folder.glob("vectors-*.safetensors")
+    return vectors
+
+
+def _other_index():
+    other = MultiVectorIndex()
+    other.add(_pages([5, 9, 3], seed=7), [{"pdf": "new.pdf", "page": p} for p in (1, 2, 3)])
+    return other
+
+
+@pytest.mark.parametrize("crash_at", ["writing the vectors", "before index.json", "removing the old vectors"])
+def test_a_save_that_dies_leaves_the_old_index_or_the_new_one_whole(index, tmp_path, monkeypatch, crash_at):
+    """Saving over an index with the same number of vectors: a crash never pairs old records with new vectors."""
+    path = index.save(tmp_path / "index")
+    (path / "notes.txt").write_text("mine")
+    other = _other_index()
+    targets = {
+        "writing the vectors": (search, "save_file"),
+        "before index.json": (search, "_replace_file"),
+        "removing the old vectors": (search, "_remove_other_vectors"),
+    }
+    owner, name = targets[crash_at]
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(owner, name, crash)
+    with pytest.raises(KeyboardInterrupt):
+        other.save(path)
+    monkeypatch.undo()
+    loaded = MultiVectorIndex.load(path)
+    expected = other if crash_at == "removing the old vectors" else index
+    assert loaded.pages == expected.pages and torch.equal(loaded.vectors, expected.vectors)
+    assert (path / "notes.txt").read_text() == "mine"
+    other.save(path)  # the next save tidies up: one vectors file, no temporary files
+    assert len(list(path.glob("vectors-*.safetensors"))) == 1 and not list(path.glob(".*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in (path / PAGES_FILE, _vectors_file(path)):  # readable by others, as files written plainly are
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_an_index_saved_by_version_1_still_loads(index, tmp_path):
+    path = index.save(tmp_path / "index")
+    _vectors_file(path).rename(path / "vectors.safetensors")
+    record = json.loads((path / PAGES_FILE).read_text())
+    for key in ("vectors_file", "vectors_sha256"):
+        del record[key]
+    (path / PAGES_FILE).write_text(json.dumps({**record, "version": 1}))
+    loaded = MultiVectorIndex.load(path)
+    assert loaded.pages == index.pages and torch.equal(loaded.vectors, index.vectors)
+    index.save(path)  # saving over it replaces the version 1 vectors file
+    assert not (path / "vectors.safetensors").exists()
+
+
+def test_search_results_keep_their_own_fields(index, tmp_path):
+    """Metadata may not use the names of the result's fields: refused when added, and in a hand-edited file."""
+    with pytest.raises(
+        ValueError, match=r"\['rank', 'score'\], which search results use for their own fields"
+    ):
+        index.add(_pages([3]), [{"score": 99.0, "rank": 7}])
+    assert len(index) == 5
+    path = index.save(tmp_path / "index")
+    record = json.loads((path / PAGES_FILE).read_text())
+    record["pages"][0]["index"] = 42
+    (path / PAGES_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="page 0 has the key"):
+        MultiVectorIndex.load(path)
+    hits = index.search(_pages([3], seed=9), k=5)[0]
+    assert [hit["rank"] for hit in hits] == [1, 2, 3, 4, 5]
+    assert [hit["score"] for hit in hits] == sorted((hit["score"] for hit in hits), reverse=True)
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        ({"dim": "16"}, "dim"),
+        ({"dim": None}, "dim"),
+        ({"n_pages": -1}, "n_pages"),
+        ({"pages": 5}, "pages"),
+        ({"pages": None}, "pages"),
+        ({"info": []}, "info"),
+    ],
+)
+def test_a_hand_edited_index_json_is_refused_by_name(index, tmp_path, edit, field):
+    path = index.save(tmp_path / "index")
+    record = {**json.loads((path / PAGES_FILE).read_text()), **edit}
+    (path / PAGES_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=f"`{field}` should be"):
+        MultiVectorIndex.load(path)
+    record = json.loads((path / PAGES_FILE).read_text())
+    del record["dim"]
+    (path / PAGES_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="`dim` should be a positive whole number, found None"):
         MultiVectorIndex.load(path)
