@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,9 +20,14 @@ from PIL import Image
 from .data import decode_image, load_split
 from .synthetic import SYNTHETIC_TASKS
 
+logger = logging.getLogger(__name__)
+
 DPI = 100  # the processor resizes pages to its visual-token cap; 100 dpi is enough for 768 tokens
 POINTS_PER_INCH = 72
 PDFIUM_PASSWORD_ERROR = 4  # FPDF_ERR_PASSWORD: the document is encrypted and the password does not open it
+# PDFium's page size limit is far above what a page needs: a page is rendered at most this many pixels (about
+# 20,000 x 20,000 pt at 100 dpi would be 770 million, 2.3 GB of RGB), and scaled down to it with a warning.
+MAX_PAGE_PIXELS = 40_000_000
 
 
 def pdf_to_pages(
@@ -28,7 +35,8 @@ def pdf_to_pages(
 ) -> list[Image.Image]:
     """Render the pages of a PDF as RGB images.
 
-    A page of w x h points comes out as round(w * dpi / 72) x round(h * dpi / 72) pixels.
+    A page of w x h points comes out as round(w * dpi / 72) x round(h * dpi / 72) pixels; a page that would
+    pass `MAX_PAGE_PIXELS` is rendered at the lower dpi that reaches it, with a warning.
 
     Args:
         path: The PDF file.
@@ -56,6 +64,10 @@ def pdf_to_pages(
     try:
         document = pdfium.PdfDocument(str(path), password=password)
     except pdfium.PdfiumError as err:
+        if _declares_no_pages(
+            path
+        ):  # PDFium opens no document without pages, and says "Success" (or a stale code)
+            raise ValueError(f"{path} has no pages; there is nothing to render") from err
         if getattr(err, "err_code", None) == PDFIUM_PASSWORD_ERROR:
             raise ValueError(
                 f"{path} is encrypted and "
@@ -65,14 +77,22 @@ def pdf_to_pages(
         raise ValueError(
             f"{path} is not a readable PDF ({err}); is it damaged or another kind of file?"
         ) from err
-    scale = dpi / POINTS_PER_INCH
     pages = []
     try:
         if len(document) == 0:
-            raise ValueError(f"{path} has no pages")
+            raise ValueError(f"{path} has no pages; there is nothing to render")
         for number in range(len(document) if max_pages is None else min(max_pages, len(document))):
             page = document[number]
             width, height = page.get_size()  # points
+            scale = dpi / POINTS_PER_INCH
+            if width * height * scale**2 > MAX_PAGE_PIXELS:
+                bounded = (MAX_PAGE_PIXELS / (width * height)) ** 0.5
+                logger.warning(
+                    f"{path} page {number + 1} is {width:.0f} x {height:.0f} pt: at {dpi} dpi it would be "
+                    f"{round(width * scale)} x {round(height * scale)} px; rendering it at "
+                    f"{bounded * POINTS_PER_INCH:.1f} dpi instead ({MAX_PAGE_PIXELS / 1e6:.0f} million pixels at most)"
+                )
+                scale = bounded
             image = page.render(scale=scale).to_pil().convert("RGB")
             # PDFium rounds the pixel size up, and a page size in float32 can be a hair over N px.
             pages.append(image.crop((0, 0, round(width * scale), round(height * scale))))
@@ -80,6 +100,14 @@ def pdf_to_pages(
     finally:
         document.close()
     return pages
+
+
+def _declares_no_pages(path: Path) -> bool:
+    """Whether a small file is a PDF whose page tree holds no pages (`/Count 0`)."""
+    if path.stat().st_size > 2**20:
+        return False
+    data = path.read_bytes()
+    return data.startswith(b"%PDF") and re.search(rb"/Count\s+0\b", data) is not None
 
 
 def write_pdf(path: str | os.PathLike, images: Sequence[Image.Image], dpi: int = DPI) -> Path:

@@ -143,3 +143,39 @@ def test_bad_arguments_are_refused(images, tmp_path):
     with pytest.raises(ValueError, match="no images given"):
         write_pdf(tmp_path / "empty.pdf", [])
     assert isinstance(images[0], Image.Image)
+
+
+def _blank_pdf(path, sizes):
+    """A PDF of blank pages of the given (width, height) sizes in points (none: a PDF with no pages)."""
+    import pypdfium2 as pdfium
+
+    document = pdfium.PdfDocument.new()
+    for width, height in sizes:
+        document.new_page(width, height)
+    document.save(str(path))
+    document.close()
+    return path
+
+
+def test_a_pdf_without_pages_says_so_even_after_an_encrypted_one(tmp_path):
+    empty = _blank_pdf(tmp_path / "empty.pdf", [])
+    with pytest.raises(ValueError, match="empty.pdf has no pages"):
+        pdf_to_pages(empty)
+    with pytest.raises(ValueError, match="needs a password"):
+        pdf_to_pages(_encrypted_pdf(tmp_path / "locked.pdf", "secret"))
+    with pytest.raises(ValueError, match="empty.pdf has no pages"):  # not PDFium's stale password error
+        pdf_to_pages(empty)
+
+
+def test_a_page_of_absurd_size_is_rendered_within_the_pixel_bound(tmp_path, monkeypatch, caplog):
+    """A 5,000 x 5,000 pt page would be 6,944 x 6,944 px at 100 dpi; under a bound of 1 million pixels it comes out
+    1,000 x 1,000 px, with a warning that says at what dpi. Pages under the bound keep their size."""
+    from colqwen3_lib import pdf
+
+    monkeypatch.setattr(pdf, "MAX_PAGE_PIXELS", 1_000_000)
+    path = _blank_pdf(tmp_path / "huge.pdf", [(5000, 5000), (200, 300)])
+    with caplog.at_level("WARNING", logger="colqwen3_lib.pdf"):
+        huge, small = pdf_to_pages(path)
+    assert huge.size == (1000, 1000) and small.size == (278, 417)
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert "page 1 is 5000 x 5000 pt" in message and "rendering it at 14.4 dpi" in message
