@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -99,8 +101,22 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 "--model-path and --output-dir are needed to evaluate (or use --compare BEFORE AFTER)"
             )
-        if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-            raise ValueError(f"--output-dir {args.output_dir} is a file; give a folder")
+        out = Path(args.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--output-dir {out} is a file; give a folder")
+        earlier = rs.evaluation_files(out)
+        others = (
+            sorted(p.name for p in out.iterdir() if p.name not in (rs.STAGING_DIR, rs.PARTIAL_DIR))
+            if out.is_dir()
+            else []
+        )
+        if others and not earlier:
+            raise ValueError(
+                f"--output-dir {out} holds files that are no evaluation's ({', '.join(others[:3])}"
+                + (", ..." if len(others) > 3 else "")
+                + "): an evaluation writes results.json, summary.csv/.md and one JSON per task there. "
+                "Choose a new or empty folder"
+            )
         start = time.perf_counter()
         model, processor = load_model(
             args.model_path,
@@ -120,25 +136,33 @@ def main(argv: list[str] | None = None) -> int:
             "device": str(next(model.parameters()).device),
             "dtype": str(next(model.parameters()).dtype),
         }
-        removed = rs.clear_previous_results(args.output_dir)
-        if removed:
+        if earlier:
             print(
-                f"replacing an earlier evaluation in {args.output_dir}: removed {[p.name for p in removed]}"
+                f"replacing an earlier evaluation in {out} ({len(earlier)} files), kept until this one succeeds"
             )
-        results = ev.evaluate_model(
-            model,
-            processor,
-            args.datasets,
-            split=args.split,
-            batch_size=args.batch_size,
-            query_batch_size=args.query_batch_size,
-            score_batch_size=args.score_batch_size,
-            show_progress=not args.no_progress,
-            on_task_done=lambda name, result: rs.write_task_result(name, result, args.output_dir, metadata),
-            protocol=args.protocol,
-        )
-        metadata["seconds"] = round(time.perf_counter() - start, 2)
-        path = rs.write_results(results, args.output_dir, metadata)
+        staging = out / rs.STAGING_DIR
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            results = ev.evaluate_model(
+                model,
+                processor,
+                args.datasets,
+                split=args.split,
+                batch_size=args.batch_size,
+                query_batch_size=args.query_batch_size,
+                score_batch_size=args.score_batch_size,
+                show_progress=not args.no_progress,
+                on_task_done=lambda name, result: rs.write_task_result(name, result, staging, metadata),
+                protocol=args.protocol,
+            )
+            metadata["seconds"] = round(time.perf_counter() - start, 2)
+            rs.write_results(results, staging, metadata)
+        except BaseException:
+            _keep_finished_tasks(staging, out, bool(earlier))
+            raise
+        rs.publish(staging, out)
+        path = out / rs.RESULTS_FILE
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -148,6 +172,22 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + rs.markdown_table(benchmarks))
     print(f"\nwrote {path}, one JSON per task and summary.csv/.md in {args.output_dir}")
     return 0
+
+
+def _keep_finished_tasks(staging: Path, out: Path, earlier: bool) -> None:
+    """After a failure: the tasks finished so far go into `out`, or, where an earlier evaluation is, beside it
+    in `out/partial-evaluation` (the earlier one stays whole)."""
+    if not any(staging.iterdir()):
+        staging.rmdir()
+    elif earlier:
+        partial = out / rs.PARTIAL_DIR
+        shutil.rmtree(partial, ignore_errors=True)
+        os.replace(staging, partial)
+        print(
+            f"the earlier evaluation in {out} is kept; the tasks finished before the error are in {partial}"
+        )
+    else:
+        rs.publish(staging, out)
 
 
 if __name__ == "__main__":

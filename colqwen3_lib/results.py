@@ -18,26 +18,45 @@ SUMMARY_STEM = "summary"
 COMPARISON_STEM = "comparison"
 
 
-def clear_previous_results(output_dir: str | os.PathLike) -> list[Path]:
-    """Remove an earlier evaluation's files from `output_dir` (its task JSONs, `results.json`, the summary).
+STAGING_DIR = ".evaluating"  # a run's files, inside the output folder, until it has succeeded
+PARTIAL_DIR = "partial-evaluation"  # a failed run's finished tasks, when an earlier evaluation is kept
 
-    Other files are left alone. Returns what was removed, so that the caller can say so.
-    """
+
+def evaluation_files(output_dir: str | os.PathLike) -> list[Path]:
+    """The files of an evaluation in `output_dir`: its task JSONs and `results.json`, and with them the summary
+    tables; none when no JSON of an evaluation is there."""
     output_dir = Path(output_dir)
-    removed = []
+    found = []
     for file in sorted(output_dir.glob("*.json")) if output_dir.is_dir() else []:
         try:
             data = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
         if isinstance(data, dict) and (file.name == RESULTS_FILE or {"task", "metrics"} <= data.keys()):
-            file.unlink()
-            removed.append(file)
-    for suffix in (".csv", ".md"):
-        table = output_dir / f"{SUMMARY_STEM}{suffix}"
-        if table.exists():
-            table.unlink()
-            removed.append(table)
+            found.append(file)
+    if not found:  # summary tables alone are no evaluation: they may be a user's own
+        return []
+    return found + [t for t in (output_dir / f"{SUMMARY_STEM}{s}" for s in (".csv", ".md")) if t.exists()]
+
+
+def clear_previous_results(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove an earlier evaluation's files from `output_dir` (`evaluation_files`); other files are left alone.
+
+    Returns what was removed, so that the caller can say so.
+    """
+    removed = evaluation_files(output_dir)
+    for file in removed:
+        file.unlink()
+    return removed
+
+
+def publish(staging: Path, output_dir: Path) -> list[Path]:
+    """Move a run's files from `staging` into `output_dir`, in place of an earlier evaluation's; returns what was
+    replaced. Other files in `output_dir` are left alone."""
+    removed = clear_previous_results(output_dir)
+    for file in sorted(staging.iterdir()):
+        os.replace(file, output_dir / file.name)
+    staging.rmdir()
     return removed
 
 

@@ -290,3 +290,37 @@ def test_an_unknown_protocol_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli("--model-path", "tiny", "--output-dir", tmp_path / "out", "--protocol", "trec")
     assert exit_info.value.code == 2 and "invalid choice: 'trec'" in capsys.readouterr().err
+
+
+def test_a_folder_of_ones_own_files_is_refused_and_left_as_it_was(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.md").write_text("my notes")
+    assert run_cli("--model-path", "tiny", "--datasets", CHARTS, "--output-dir", out, *FAST) == 2
+    assert "holds files that are no evaluation's (summary.md)" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["summary.md"] and (
+        out / "summary.md"
+    ).read_text() == "my notes"
+
+
+def test_a_failed_evaluation_keeps_the_earlier_one_whole(tmp_path, capsys):
+    from datasets import Image
+
+    from colqwen3_lib.data import load_split
+
+    out = tmp_path / "out"
+    assert run_cli("--model-path", "tiny", "--datasets", CHARTS, "--output-dir", out, *FAST) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    broken = tmp_path / "broken_images"
+    rows = load_split(CHARTS, "test").cast_column("image", Image(decode=False))
+    rows = rows.map(
+        lambda row, i: {"image": {"bytes": b"x", "path": None}} if i == 2 else row, with_indices=True
+    )
+    rows.save_to_disk(str(broken))
+    capsys.readouterr()
+    assert run_cli("--model-path", "tiny", "--datasets", CHARTS, broken, "--output-dir", out, *FAST) == 2
+    assert "the earlier evaluation in" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    partial = out / "partial-evaluation"
+    assert [p.name for p in partial.iterdir()] == [f"{CHARTS}.json"]
+    assert not (out / ".evaluating").exists()
