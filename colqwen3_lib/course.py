@@ -90,10 +90,42 @@ def _parse_value(text: str):
         return text
 
 
-def declared_parameters(notebook: Path) -> set[str]:
+def declared_parameters(notebook: Path) -> dict[str, str]:
+    """The parameters a notebook declares, with the type its parameters cell gives each (`bool`, `int`, ...)."""
     import papermill
 
-    return set(papermill.inspect_notebook(str(notebook)))
+    return {
+        name: info["inferred_type_name"] for name, info in papermill.inspect_notebook(str(notebook)).items()
+    }
+
+
+BOOLEAN_WORDS = {
+    "true": True,
+    "false": False,
+    "yes": True,
+    "no": False,
+    "on": True,
+    "off": False,
+    "1": True,
+    "0": False,
+}
+
+
+def as_declared(key: str, value, type_name: str):
+    """`-p KEY VALUE` as the notebook declares KEY: a bool from true/false, yes/no, on/off or 1/0 in any case; a
+    number where a number is declared.
+
+    Raises:
+        ValueError: the value is not of the declared kind.
+    """
+    if type_name == "bool":
+        word = str(value).strip().lower()
+        if word not in BOOLEAN_WORDS:
+            raise ValueError(f"-p {key} takes true or false (or yes/no, on/off, 1/0), got {value!r}")
+        return BOOLEAN_WORDS[word]
+    if type_name in ("int", "float") and (isinstance(value, str | bool) or value is None):
+        raise ValueError(f"-p {key} takes a number, got {value!r}")
+    return value
 
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -343,13 +375,22 @@ def run_course(
     notebooks_dir = Path(notebooks_dir)
     declared_by = {name: declared_parameters(notebooks_dir / f"{name}.ipynb") for name in names}
     unused = set(parameters or ()) - set().union(*declared_by.values())
+    types = {key: kind for declared in declared_by.values() for key, kind in declared.items()}
     if unused:
         known = sorted(set().union(*declared_by.values()))
         raise ValueError(
             f"no notebook run here declares the parameter(s) {sorted(unused)}; they declare {known}"
         )
-    (output_dir / "html").mkdir(parents=True, exist_ok=True)
-    shared = {**PROFILES[profile], **(parameters or {})}
+    parameters = {key: as_declared(key, value, types[key]) for key, value in (parameters or {}).items()}
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file; give a folder")
+    try:
+        (output_dir / "html").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"cannot write to --output-dir {output_dir} ({err.strerror}); choose a folder you can write to"
+        ) from err
+    shared = {**PROFILES[profile], **parameters}
     earlier = _earlier_rows(output_dir)  # a rerun into the same folder keeps the other notebooks' results
     if "adapter_path" in earlier.get("03_lora_training", {}).get("metrics", {}):
         shared.setdefault("ADAPTER_PATH", earlier["03_lora_training"]["metrics"]["adapter_path"])

@@ -160,6 +160,61 @@ def test_an_unknown_parameter_is_refused_with_the_known_ones(stand_ins, tmp_path
     assert code == 2 and "unknown notebooks ['07_extra']" in capsys.readouterr().err
 
 
+@pytest.fixture
+def with_a_flag(tmp_path):
+    folder = tmp_path / "flagged"
+    folder.mkdir()
+    _notebook(
+        folder / "00_setup_check.ipynb",
+        'OUTPUT_DIR: str = "."  # where metrics go\nCHECK: bool = True  # True/False\nSTEPS: int = 5  # steps',
+        WRITE_METRICS.format(metrics="{'check': CHECK, 'steps': STEPS}"),
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("false", False),
+        ("False", False),
+        ("0", False),
+        ("no", False),
+        ("TRUE", True),
+        ("1", True),
+        ("on", True),
+    ],
+)
+def test_booleans_parse_the_way_people_write_them(with_a_flag, tmp_path, text, value):
+    out = tmp_path / "out"
+    args = ["--output-dir", str(out), "--notebooks-dir", str(with_a_flag), "--only", "00_setup_check"]
+    assert main([*args, "-p", "CHECK", text]) == 0
+    assert json.loads((out / "00_setup_check" / "metrics.json").read_text())["check"] is value
+
+
+def test_a_value_of_the_wrong_kind_is_refused(with_a_flag, tmp_path, capsys):
+    for key, value, message in [
+        ("CHECK", "maybe", "-p CHECK takes true or false"),
+        ("STEPS", "many", "-p STEPS takes a number"),
+    ]:
+        args = ["--output-dir", str(tmp_path / "out"), "--notebooks-dir", str(with_a_flag), "-p", key, value]
+        assert main([*args, "--only", "00_setup_check"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_an_output_dir_that_cannot_be_a_folder_is_one_line(stand_ins, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    for out, message in [
+        (tmp_path / "file", "is a file; give a folder"),
+        (tmp_path / "file" / "sub", "cannot write to --output-dir"),
+    ]:
+        assert (
+            main(["--output-dir", str(out), "--notebooks-dir", str(stand_ins), "--only", "00_setup_check"])
+            == 2
+        )
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 class _MissedSignal:
     """A kernel socket holding a reply whose arrival signal the event loop missed: a wait that started before
     the reply arrived never wakes (without a limit) or wakes at its limit; a fresh look finds the reply."""
