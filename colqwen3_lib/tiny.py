@@ -106,8 +106,9 @@ def _write_tiny(path: Path, seed: int) -> None:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     config_dict = real_config_dict(TINY)
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(config_dict)))
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(config_dict)))
     model.save_pretrained(path, safe_serialization=True)
     _check_hub_layout(path / "model.safetensors")
     # Overwrite the config with the hub's own format (as written for the real checkpoints).

@@ -43,6 +43,7 @@ from .oom import TrainingOutOfMemoryError, find_batch_size, is_oom_error, oom_ad
 from .processor import ColQwen3Processor
 from .runs import check_resume, prepare_output_dir, write_record
 from .sharding import check_sharded_trainer, full_state_dict
+from .tiny import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,9 @@ def _train_once(
 ) -> TrainResult:
     from transformers import set_seed
 
-    set_seed(config.seed)
+    # The data and the tiny checkpoint first: building either into an empty cache must not change what the
+    # seed draws (the new head, LoRA's matrices, dropout), so that a first run after install equals every later one.
+    resolve_model_path(config.base_model_path)
     train_set = load_pairs(config.train_dataset, "train")
     _check_batch_fits(config, train_set)
     eval_set = None
@@ -134,6 +137,7 @@ def _train_once(
             if config.eval_dataset:  # asked for explicitly: say why it cannot be used
                 raise
             logger.warning(f"no evaluation loss: {err}; pass --eval-dataset to evaluate on another set")
+    set_seed(config.seed)
     model, processor = build_model(config)
     run = train_hf if config.trainer == "hf" else train_torch_loop
     metrics = run(config, model, processor, train_set, eval_set, resume=resume, hook=hook, on_log=on_log)

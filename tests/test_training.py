@@ -359,3 +359,31 @@ def test_a_loss_at_chance_after_the_warm_up_is_warned_about_once(caplog):
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and warnings[0].startswith("step 30: the loss has stayed at chance level")
     assert "--warmup-steps" in warnings[0]
+
+
+@pytest.mark.slow
+def test_a_first_run_into_an_empty_cache_trains_what_every_later_run_trains(tmp_path):
+    """Building the tiny checkpoint and the synthetic pages draws random numbers; done before the seed, the first
+    run after install (an empty cache) gives bit for bit the adapter and initial head of later runs, each in a
+    process of its own."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLQWEN3_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = ["--base-model-path", "tiny", "--peft", "--max-steps", "3", "--per-device-train-batch-size", "8"]
+    args += ["--max-visual-tokens", "16", "--eval-dataset", "none", "--trainer", "torch"]
+    runs = []
+    for name in ("empty cache", "warm cache", "warm again"):
+        out = tmp_path / name.replace(" ", "-")
+        done = subprocess.run(
+            [sys.executable, "-m", "colqwen3_lib.train", "--output-dir", str(out), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append({**_adapter(out), **load_file(out / "base_head.safetensors")})
+    for later in runs[1:]:
+        assert later.keys() == runs[0].keys()
+        assert all(torch.equal(later[k], runs[0][k]) for k in runs[0])
