@@ -23,7 +23,7 @@ from .metrics import PROTOCOL, PROTOCOLS
 from .model import ATTENTION_IMPLEMENTATIONS, load_model
 from .reference import MAX_VISUAL_TOKENS
 from .synthetic import SYNTHETIC
-from .tasks import SPLIT
+from .tasks import SPLIT, expand_datasets
 
 
 def positive_int(text: str) -> int:
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 "--model-path and --output-dir are needed to evaluate (or use --compare BEFORE AFTER)"
             )
+        expand_datasets(args.datasets, args.protocol)  # every name checked before the model loads
         out = Path(args.output_dir)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--output-dir {out} is a file; give a folder")

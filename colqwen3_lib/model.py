@@ -504,10 +504,23 @@ def load_model(
         ValueError: the adapter does not fit the base model, or was trained on other base weights
             (`fingerprint.py`); `device` is CUDA and there is no GPU.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(
+            f"device {device!r} is not a device torch knows; pass cpu, cuda or cuda:N (or none)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {device} was asked for, but no CUDA GPU is visible; pass --device cpu (or none)"
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"device {device} was asked for, but this machine has no Apple GPU; pass --device cpu (or none)"
+        )
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(
+            f"device {device} is not one the kit runs on; pass cpu, cuda, cuda:N or mps (or none)"
         )
     model_path = str(model_path)
     # Build the tiny checkpoint first, so that building it draws nothing from the seed of the new head.

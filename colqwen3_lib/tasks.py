@@ -295,7 +295,24 @@ def expand_datasets(names: Iterable[str | os.PathLike], protocol: str = PROTOCOL
                 expanded.append(name)
     if not expanded:
         raise ValueError(f"no datasets given; name ViDoRe tasks, local paths or one of {list(ALIASES)}")
+    for name in expanded:  # every name checked before any is evaluated
+        _check_dataset_name(name)
     return expanded
+
+
+def _check_dataset_name(name_or_path: str) -> None:
+    """A name a dataset can have: a local path, a synthetic task, or a hub id (owner/name, optionally @revision).
+
+    Raises:
+        ValueError: it is none of those; the message lists what is.
+    """
+    name = split_revision(name_or_path)[0]
+    if Path(name).exists() or name in SYNTHETIC_TASKS or name in SYNTHETIC_BEIR_TASKS or name.count("/") == 1:
+        return
+    raise ValueError(
+        f"dataset {name!r} is neither a local path nor a Hugging Face Hub id (owner/name); use one of "
+        f"those, an alias {list(ALIASES)} or a synthetic task {sorted([*SYNTHETIC_TASKS, *SYNTHETIC_BEIR_TASKS])}"
+    )
 
 
 def task_name(name_or_path: str | os.PathLike) -> str:
@@ -339,11 +356,7 @@ def load_task(name_or_path: str | os.PathLike, split: str = SPLIT, protocol: str
         return qa_task(ds, display, protocol)
     if name in SYNTHETIC_TASKS:
         return qa_task(load_split(name, split), display, protocol)
-    if name.count("/") != 1:
-        raise ValueError(
-            f"dataset {name!r} is neither a local path nor a Hugging Face Hub id (owner/name); use one of "
-            f"those, an alias {list(ALIASES)} or a synthetic task {sorted([*SYNTHETIC_TASKS, *SYNTHETIC_BEIR_TASKS])}"
-        )
+    _check_dataset_name(name)
     task = _load_hub_task(name, split, revision, protocol)
     task.revision = revision
     return task

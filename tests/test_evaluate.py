@@ -324,3 +324,26 @@ def test_a_failed_evaluation_keeps_the_earlier_one_whole(tmp_path, capsys):
     partial = out / "partial-evaluation"
     assert [p.name for p in partial.iterdir()] == [f"{CHARTS}.json"]
     assert not (out / ".evaluating").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "gpu0"], "device 'gpu0' is not a device torch knows"),
+        (["--device", "mps"], "device mps was asked for, but this machine has no Apple GPU"),
+        (["--datasets", "synthetic,vidore-v9"], "dataset 'vidore-v9' is neither a local path nor"),
+    ],
+)
+def test_a_bad_device_or_dataset_name_is_one_line_before_any_work(
+    tmp_path, capsys, monkeypatch, flags, message
+):
+    from colqwen3_lib import evaluation
+
+    if "mps" in flags and __import__("torch").backends.mps.is_available():
+        pytest.skip("this machine has an Apple GPU")
+    monkeypatch.setattr(
+        evaluation, "evaluate_model", lambda *a, **k: pytest.fail("evaluated before refusing")
+    )
+    assert run_cli("--model-path", "tiny", "--output-dir", tmp_path / "out", *FAST, *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
