@@ -44,8 +44,9 @@ def build_folder(path: Path, write: Callable[[Path], None]) -> Path:
     """Build a folder with `write(tmp)` in a temporary sibling, then rename it to `path` (replacing it).
 
     Temporary siblings left by an earlier, killed build are removed first: call this under a lock when
-    several processes may build the same folder. The folder gets the usual permissions (not
-    `mkdtemp`'s owner-only 0700), so that others sharing the cache can read it.
+    several processes may build the same folder. The folder and everything in it get the usual permissions
+    (not `mkdtemp`'s owner-only 0700, nor the 0600 some writers give files), so that others sharing the cache
+    can read it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}-*"):
@@ -56,6 +57,11 @@ def build_folder(path: Path, write: Callable[[Path], None]) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
+        for root, folders, files in os.walk(tmp):  # some writers (safetensors) leave files owner-only
+            for folder in folders:
+                os.chmod(os.path.join(root, folder), 0o777 & ~umask)
+            for file in files:
+                os.chmod(os.path.join(root, file), 0o666 & ~umask)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -21,12 +21,25 @@ def test_a_killed_build_leaves_no_temporary_folder_after_the_next_one(tmp_path):
 
 
 def test_built_folders_get_the_usual_permissions_not_owner_only(tmp_path):
+    """A shared cache is read by other users: the folder, its subfolders and its files (safetensors writes its
+    files owner-only, 0600) get what the umask gives, as the tiny checkpoint's model.safetensors does."""
+
+    def write(tmp):
+        (tmp / "sub").mkdir(mode=0o700)
+        for file in (tmp / "model.safetensors", tmp / "sub" / "data.arrow"):
+            file.write_text("x")
+            file.chmod(0o600)
+
     umask = os.umask(0o022)
     try:
-        folder = build_folder(tmp_path / "shared", lambda tmp: None)
+        folder = build_folder(tmp_path / "shared", write)
     finally:
         os.umask(umask)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert stat.S_IMODE((folder / "sub").stat().st_mode) == 0o755
+    assert [
+        stat.S_IMODE(f.stat().st_mode) for f in (folder / "model.safetensors", folder / "sub" / "data.arrow")
+    ] == [0o644, 0o644]
 
 
 def test_a_damaged_tiny_checkpoint_is_rebuilt(tmp_path, monkeypatch):
