@@ -275,7 +275,19 @@ def _config_languages(configs: Iterable[str], known: Sequence[str] = ()) -> list
 
 
 def _is_beir_dir(path: Path) -> bool:
-    return all((path / part).exists() for part in BEIR_COLUMNS)
+    """Whether a local folder is BEIR (`corpus`, `queries`, `qrels`).
+
+    Raises:
+        ValueError: it has some of the three folders but not all: it looks like BEIR and cannot be read as one.
+    """
+    present = [part for part in BEIR_COLUMNS if (path / part).exists()]
+    if present and len(present) < len(BEIR_COLUMNS):
+        missing = [part for part in BEIR_COLUMNS if part not in present]
+        raise ValueError(
+            f"{path} looks like a BEIR dataset ({', '.join(present)}) but has no {' or '.join(missing)}: add "
+            f"{'them' if len(missing) > 1 else 'it'} (qrels: query-id, corpus-id, score), or point to a QA dataset"
+        )
+    return bool(present)
 
 
 # ------------------------------------------------------------------ names

@@ -174,3 +174,13 @@ def test_mtebs_v3_tasks_load_each_language_from_the_hub(per_language_dir, monkey
         "french",
     ]
     assert benchmark_of(task.name, revision=task.revision).main_score == "ndcg_at_10"
+
+
+def test_a_beir_folder_without_its_qrels_is_named(beir_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "no_qrels"
+    shutil.copytree(beir_dir, broken)
+    shutil.rmtree(broken / "qrels")
+    with pytest.raises(ValueError, match=r"looks like a BEIR dataset \(corpus, queries\) but has no qrels"):
+        load_task(broken)
