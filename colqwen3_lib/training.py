@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,9 @@ from .sharding import check_sharded_trainer, full_state_dict
 from .tiny import resolve_model_path
 
 logger = logging.getLogger(__name__)
+
+# What torch.save says when a write fails (a full disk among the causes): its own RuntimeError, not an OSError.
+TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
 
 
 @dataclass
@@ -239,17 +243,15 @@ def _train_shrinking_on_oom(
             ) from None
         except OSError as err:
             if err.errno == errno.ENOSPC:
-                last = latest_checkpoint(run.output_dir)
-                intact = (
-                    f"the last checkpoint, {last}, is intact: free some space and add --resume-from-checkpoint {last}"
-                    if last
-                    else "no checkpoint was written yet"
-                )
-                raise OSError(
-                    errno.ENOSPC, f"no space left on the device while writing to {run.output_dir}; {intact}"
-                ) from err
+                raise OSError(errno.ENOSPC, _full_disk_message(run, "no space left on the device")) from err
             raise
         except Exception as err:
+            if isinstance(err, RuntimeError) and any(sign in str(err) for sign in TORCH_WRITE_FAILED):
+                detail = str(err).strip().splitlines()[-1][:120]  # torch.save's own error for a failed write
+                raise OSError(
+                    errno.ENOSPC,
+                    _full_disk_message(run, f"writing a file failed (torch: {detail}); no space left?"),
+                ) from err
             last = latest_checkpoint(run.output_dir)
             if is_oom_error(err) and last != started_with:  # it trained a while: retrying would lose that
                 raise TrainingOutOfMemoryError(advice(size, last)) from err
@@ -267,6 +269,20 @@ def _train_shrinking_on_oom(
     what = "gradient-cache chunk size" if first_chunk else "batch size"
     _, result = find_batch_size(attempt, first_size, min_batch_size=smallest, advice=advice, what=what)
     return result
+
+
+def _full_disk_message(config: TrainConfig, what: str) -> str:
+    last = latest_checkpoint(config.output_dir)
+    try:
+        free = f"{shutil.disk_usage(config.output_dir).free / 2**30:.1f} GiB free there now"
+    except OSError:
+        free = "its free space unknown"
+    intact = (
+        f"the last checkpoint, {last}, is intact: free some space and add --resume-from-checkpoint {last}"
+        if last
+        else "no checkpoint was written yet"
+    )
+    return f"{what} while writing to {config.output_dir} ({free}); {intact}"
 
 
 def _collapse_advice(config: TrainConfig, err: CollapsedTrainingError, last: Path | None) -> str:

@@ -155,19 +155,32 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_use_instead(
     assert f"--resume-from-checkpoint {run / 'checkpoint-1'}" in str(refused.value)
 
 
-def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_checkpoint(tmp_path, small_config, monkeypatch):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError(
+            "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"
+        ),  # torch.save's own
+    ],
+    ids=["ENOSPC", "torch.save"],
+)
+def test_a_full_disk_during_a_save_says_so_and_keeps_the_last_checkpoint(
+    tmp_path, small_config, monkeypatch, failure
+):
     from colqwen3_lib import checkpoints
 
     real = checkpoints.torch.save
 
     def full_from_the_second_save(obj, path, *args, **kwargs):
         if "checkpoint-4" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise failure
         return real(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoints.torch, "save", full_from_the_second_save)
     with pytest.raises(OSError, match="no space left") as failed:
         train(small_config(tmp_path, trainer="torch", max_steps=6))
+    assert "GiB free there now" in str(failed.value)
     assert f"--resume-from-checkpoint {tmp_path / 'checkpoint-2'}" in str(failed.value)
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     monkeypatch.undo()
