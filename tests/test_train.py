@@ -222,3 +222,35 @@ def test_an_empty_local_dataset_is_one_line(tmp_path, capsys):
         == 1
     )
     assert "holds no data" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_run_with_exit_130_and_the_command_to_resume(tmp_path):
+    """SIGINT, as Ctrl-C sends it, to a training process started with the default SIGINT disposition (a process
+    put in the background by a non-interactive shell would ignore it: POSIX)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    args = ["--output-dir", str(out), "--base-model-path", "tiny", "--peft", "--max-steps", "400"]
+    args += ["--save-steps", "2", "--per-device-train-batch-size", "8", "--max-visual-tokens", "16"]
+    args += ["--eval-dataset", "none", "--trainer", "torch", "--collapse-patience", "0"]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "colqwen3_lib.train", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        deadline = time.monotonic() + 180
+        while not list(out.glob("checkpoint-*")):  # older checkpoints are removed as new ones come
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        assert process.wait(timeout=60) == 130 and time.monotonic() - sent < 30
+    error = log.read_text()
+    assert "interrupted. The last checkpoint is" in error and "--resume-from-checkpoint" in error
+    assert "Traceback" not in error
