@@ -269,8 +269,17 @@ def _config_languages(configs: Iterable[str], known: Sequence[str] = ()) -> list
     """The languages of mteb's per-language layout among `configs` (folder or config names `<language>-corpus`,
     `-queries`, `-qrels`): `known` (mteb's order) when all are there, else those found, in name order."""
     configs = set(configs)
-    found = sorted(c[: -len("-corpus")] for c in configs if c.endswith("-corpus"))
-    found = [lang for lang in found if {f"{lang}-queries", f"{lang}-qrels"} <= configs]
+    parts = ("corpus", "queries", "qrels")
+    seen = sorted({c.rsplit("-", 1)[0] for c in configs if "-" in c and c.rsplit("-", 1)[1] in parts})
+    for language in seen:  # a language with some of its parts: its score would be left out of the average
+        missing = [p for p in parts if f"{language}-{p}" not in configs]
+        if missing and len(missing) < len(parts):
+            raise ValueError(
+                f"the {language} part of this per-language dataset has no {' or '.join(f'{language}-{p}' for p in missing)}: "
+                "a score averaged over fewer languages than the dataset has is not its score; add what is missing, "
+                f"or remove the {language} folders to leave the language out"
+            )
+    found = [lang for lang in seen if all(f"{lang}-{p}" in configs for p in parts)]
     return list(known) if known and set(known) <= set(found) else found
 
 

@@ -184,3 +184,17 @@ def test_a_beir_folder_without_its_qrels_is_named(beir_dir, tmp_path):
     shutil.rmtree(broken / "qrels")
     with pytest.raises(ValueError, match=r"looks like a BEIR dataset \(corpus, queries\) but has no qrels"):
         load_task(broken)
+
+
+def test_a_language_missing_one_of_its_parts_is_refused_not_left_out(per_language_dir, tmp_path):
+    """Without french-qrels the task would be scored on english alone and reported as the dataset's average."""
+    import shutil
+
+    broken = tmp_path / "tiny_v3"
+    shutil.copytree(per_language_dir, broken)
+    shutil.rmtree(broken / "french-qrels")
+    with pytest.raises(ValueError, match="the french part of this per-language dataset has no french-qrels"):
+        load_task(broken)
+    shutil.rmtree(broken / "french-corpus")
+    shutil.rmtree(broken / "french-queries")
+    assert list(load_task(broken).subsets) == ["english"]  # a language left out whole, on purpose
