@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .files import safetensors_problem
 from .processor import QUERY_PREFIX, ColQwen3Processor
 from .tiny import resolve_model_path
 
@@ -261,19 +262,40 @@ FORMATS: tuple[Format, ...] = (
 # ------------------------------------------------------------------------------------------- reading
 
 
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint that cannot be loaded as it is: a damaged file, or weights and config.json that disagree."""
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): restore it from where "
+            "the checkpoint came from"
+        ) from None
+
+
 def _tensor_shapes(folder: Path, weights: str) -> dict[str, tuple[int, ...]] | None:
-    """Every tensor's name and shape, read from the safetensors headers only (None if there are none)."""
+    """Every tensor's name and shape, read from the safetensors headers only (None if there are none).
+
+    Raises:
+        CheckpointError: a weights file is cut off or its header is unreadable.
+    """
     from safetensors import safe_open
 
     index = folder / f"{weights}.safetensors.index.json"
     if index.exists():
-        files = sorted({folder / shard for shard in json.loads(index.read_text())["weight_map"].values()})
+        files = sorted({folder / shard for shard in _read_json(index)["weight_map"].values()})
     else:
         files = sorted(folder.glob(f"{weights}*.safetensors"))
     if not files:
         return None
     shapes = {}
     for file in files:
+        problem = safetensors_problem(file)
+        if problem:
+            raise CheckpointError(f"{file} {problem}: download or copy it again")
         with safe_open(str(file), "pt") as f:
             shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
     return shapes
@@ -295,16 +317,14 @@ def read_checkpoint(path: str | os.PathLike, **hub_kwargs) -> Checkpoint:
     if folder.is_dir():
         has_weights = any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
         if (folder / "adapter_config.json").exists() and not has_weights:
-            config = json.loads((folder / "adapter_config.json").read_text())
+            config = _read_json(folder / "adapter_config.json")
             return Checkpoint(path, config, _tensor_shapes(folder, "adapter_model"), adapter=True)
         if not (folder / "config.json").exists():
             found = sorted(p.name for p in folder.iterdir())[:10]
             raise ValueError(
                 f"{path} has no config.json (nor adapter_config.json); found {found}. Point to a checkpoint folder."
             )
-        return Checkpoint(
-            path, json.loads((folder / "config.json").read_text()), _tensor_shapes(folder, "model")
-        )
+        return Checkpoint(path, _read_json(folder / "config.json"), _tensor_shapes(folder, "model"))
     from transformers import PretrainedConfig
 
     if folder.exists() or path.count("/") != 1 or path.startswith((".", "/", "~")):
@@ -319,6 +339,17 @@ def read_checkpoint(path: str | os.PathLike, **hub_kwargs) -> Checkpoint:
             "cache; or pass the path of a local copy"
         ) from err
     return Checkpoint(path, config, None)
+
+
+def mapped_shapes(checkpoint: Checkpoint, fmt: Format) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensor shapes under the names ColQwen3 gives them (`fmt.key_mapping`, as transformers
+    applies it: every matching rule, in order)."""
+    shapes = {}
+    for key, shape in (checkpoint.tensors or {}).items():
+        for pattern, replacement in fmt.key_mapping.items():
+            key = re.sub(pattern, replacement, key)
+        shapes[key] = shape
+    return shapes
 
 
 def detect(checkpoint: Checkpoint) -> Format:

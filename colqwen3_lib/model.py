@@ -7,6 +7,7 @@ architecture with random weights), and `embed_batch` (a processed batch -> one e
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -24,6 +25,7 @@ from transformers.models.qwen3_vl import Qwen3VLConfig, Qwen3VLModel
 from . import formats
 from .architectures import real_config
 from .fingerprint import check_fingerprint, restore_base_head
+from .formats import CheckpointError
 from .processor import ColQwen3Processor, saved_by_kit
 from .reference import EMBEDDING_DIM, MAX_VISUAL_TOKENS
 from .tiny import resolve_model_path
@@ -175,8 +177,10 @@ class ColQwen3(Qwen3VLModel):
                 `device_map`, `revision`, ...).
 
         Raises:
-            RuntimeError: The checkpoint lacks backbone weights or its head, has tensors its format does
-                not explain, or its head has another shape.
+            formats.CheckpointError: (a RuntimeError and a ValueError) The checkpoint lacks backbone weights or its
+                head, has tensors its format does not explain, weights of other shapes than its config.json
+                gives (a head of another size: pass `dim`), a damaged weights file or a config.json that is
+                not JSON.
             ValueError: The checkpoint is in no known format (or one the kit refuses).
         """
         path = resolve_model_path(pretrained_model_name_or_path)
@@ -207,6 +211,7 @@ class ColQwen3(Qwen3VLModel):
             dim = getattr(config, "embedding_dim", None) or fmt.checkpoint_dim(checkpoint)
         config.embedding_dim = int(dim or EMBEDDING_DIM)
         kwargs.setdefault("key_mapping", fmt.key_mapping)
+        _check_shapes(path, config, formats.mapped_shapes(checkpoint, fmt))
         attn_implementation = resolve_attn_implementation(
             attn_implementation, device_of(kwargs.get("device_map"))
         )
@@ -221,23 +226,23 @@ class ColQwen3(Qwen3VLModel):
             )
         missing = [k for k in info["missing_keys"] if not k.startswith(HEAD)]
         if missing:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path} is missing {len(missing)} backbone weights (e.g. {missing[:3]}); loading it would give a "
                 "randomly initialised backbone. Point to a Qwen3-VL(-Instruct) or ColQwen3 checkpoint."
             )
         if fmt.heads and any(k.startswith(HEAD) for k in info["missing_keys"]):
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path} ({fmt.name} format) lacks its projection head ({' or '.join(fmt.heads)}); "
                 "loading it would give a randomly initialised head"
             )
         unexplained = sorted(k for k in info["unexpected_keys"] if not fmt.is_extra(k))
         if unexplained:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path} ({fmt.name} format) has {len(unexplained)} weights ColQwen3 has no place for "
                 f"(e.g. {unexplained[:3]}); loading it would silently drop them."
             )
         if info.get("mismatched_keys"):
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{path} has weights of another shape: {info['mismatched_keys'][:3]}. If the saved head has "
                 "another size, pass dim=<that size>."
             )
@@ -294,6 +299,34 @@ class ColQwen3(Qwen3VLModel):
     @property
     def spatial_merge_size(self) -> int:
         return self.config.vision_config.spatial_merge_size
+
+
+def _check_shapes(path: str, config, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Compare a checkpoint's tensor shapes (under ColQwen3's names) with those its config gives, before loading.
+
+    Raises:
+        CheckpointError: they differ; for the head alone, the message names the `dim` that loads it.
+    """
+    if not shapes:  # a hub id: its shapes are known once downloaded, and transformers checks them then
+        return
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in ColQwen3(copy.deepcopy(config)).named_parameters()}
+    conflicts = [k for k, shape in shapes.items() if k in expected and expected[k] != shape]
+    if not conflicts:
+        return
+    if all(k.startswith(HEAD) for k in conflicts):
+        saved = shapes[f"{HEAD}.weight"][0] if f"{HEAD}.weight" in shapes else shapes[conflicts[0]][0]
+        raise CheckpointError(
+            f"{path}'s head has {saved} outputs, not the {config.embedding_dim} asked for (by dim=, or its config): "
+            f"pass dim={saved}, or load another checkpoint for {config.embedding_dim}-dimensional embeddings"
+        )
+    first = conflicts[0]
+    raise CheckpointError(
+        f"{path}'s weights do not fit its config.json: {len(conflicts)} tensors of other shapes, e.g. {first} is "
+        f"{list(shapes[first])} in the weights and {list(expected[first])} by the config (hidden_size "
+        f"{config.text_config.hidden_size}, {config.text_config.num_hidden_layers} layers). Is config.json the one "
+        "saved with these weights?"
+    )
 
 
 def random_model(

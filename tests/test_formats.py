@@ -438,3 +438,68 @@ def test_adapters_of_both_recipes_get_the_reference_prompts(tiny_path, tmp_path)
         assert prompts_for(folder) == formats.KIT_PROMPTS == formats.COLPALI_PROMPTS
     with pytest.raises(ValueError, match="PEFT adapter"):
         load(tmp_path / "kit-adapter")
+
+
+# ------------------------------------------------------------------------- checkpoints that lie or are damaged
+
+
+def _copy(native, tmp_path, dim=128):
+    folder = tmp_path / "copy"
+    shutil.copytree(native(dim), folder)
+    return folder
+
+
+def test_a_config_json_that_is_not_json_is_one_line(native, tmp_path):
+    folder = _copy(native, tmp_path)
+    (folder / "config.json").write_text('{"model_type": "qwen3_vl",')
+    with pytest.raises(formats.CheckpointError, match=r"config.json is not valid JSON \(.* at line 1"):
+        ColQwen3.from_pretrained(str(folder))
+
+
+def test_a_weights_file_cut_off_is_named(native, tmp_path):
+    folder = _copy(native, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(
+        formats.CheckpointError, match=r"model.safetensors is cut off .*download or copy it again"
+    ):
+        ColQwen3.from_pretrained(str(folder))
+
+
+def test_weights_and_a_config_of_another_size_are_refused_before_loading(native, tmp_path):
+    folder = _copy(native, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 96  # the weights' MLPs are 128 wide
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        formats.CheckpointError, match=r"weights do not fit its config.json: \d+ tensors of other shapes"
+    ):
+        ColQwen3.from_pretrained(str(folder))
+    config["text_config"]["intermediate_size"] = 128
+    config["text_config"]["num_hidden_layers"] = 3  # the weights have 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(formats.CheckpointError, match="is missing .* backbone weights"):
+        ColQwen3.from_pretrained(str(folder))
+
+
+def test_a_head_of_another_size_than_its_config_or_dim_names_the_dim_that_loads_it(native, tmp_path):
+    folder = _copy(native, tmp_path, dim=320)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "embedding_dim": 128}))
+    with pytest.raises(
+        formats.CheckpointError, match="head has 320 outputs, not the 128 asked for.*pass dim=320"
+    ):
+        ColQwen3.from_pretrained(str(folder))
+    with pytest.raises(formats.CheckpointError, match="pass dim=320"):
+        ColQwen3.from_pretrained(native(320), dim=128)
+    assert ColQwen3.from_pretrained(str(folder), dim=320).dim == 320
+
+
+def test_the_evaluation_command_says_what_is_wrong_with_a_checkpoint_in_one_line(native, tmp_path, capsys):
+    from colqwen3_lib.evaluate import main
+
+    folder = _copy(native, tmp_path)
+    (folder / "config.json").write_text("not json")
+    assert main(["--model-path", str(folder), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "is not valid JSON" in error and "Traceback" not in error
