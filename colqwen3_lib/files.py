@@ -18,6 +18,14 @@ def write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def usual_mode(path: str | os.PathLike) -> None:
+    """Give a file or folder the permissions a plain open or mkdir gives under the umask: `mkdtemp` makes folders
+    owner-only and safetensors writes files owner-only, which others sharing a cache or an index cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def safetensors_problem(file: Path) -> str | None:
     """None if a safetensors file holds every byte its header promises, else what is wrong with it."""
     if not file.exists():
@@ -54,14 +62,10 @@ def build_folder(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        usual_mode(tmp)
         for root, folders, files in os.walk(tmp):  # some writers (safetensors) leave files owner-only
-            for folder in folders:
-                os.chmod(os.path.join(root, folder), 0o777 & ~umask)
-            for file in files:
-                os.chmod(os.path.join(root, file), 0o666 & ~umask)
+            for name in folders + files:
+                usual_mode(os.path.join(root, name))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

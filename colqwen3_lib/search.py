@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import usual_mode, write_json
 from .scoring import score_multi_vector
 
 INDEX_FORMAT = "colqwen3-multi-vector-index"
@@ -177,7 +177,7 @@ class MultiVectorIndex:
             "info": self.info,
             "pages": self.pages,
         }
-        _replace_file(path / PAGES_FILE, json.dumps(record, indent=1) + "\n")
+        write_json(path / PAGES_FILE, record)  # one rename: the moment the new index replaces the old
         _remove_other_vectors(path, vectors_file)
         return path
 
@@ -249,44 +249,22 @@ def _sha256(file: Path) -> str:
 
 def _write_vectors(folder: Path, tensors: dict) -> tuple[str, str]:
     """Write `tensors` into `folder` as vectors-<hash>.safetensors (a temporary name first); its name and SHA-256."""
-    fd, tmp = tempfile.mkstemp(prefix=".vectors-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = folder / ".vectors.safetensors.tmp"
     try:
-        save_file(tensors, tmp)
-        _usual_mode(tmp)
-        digest = _sha256(Path(tmp))
+        save_file(tensors, str(tmp))
+        usual_mode(tmp)
+        digest = _sha256(tmp)
         name = f"vectors-{digest[:16]}.safetensors"
         os.replace(tmp, folder / name)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return name, digest
-
-
-def _usual_mode(file: str) -> None:
-    """The permissions a plain `open` would give (temporary files are owner-only): others may read the index."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(file, 0o666 & ~umask)
 
 
 def _remove_other_vectors(folder: Path, keep: str) -> None:
     for old in [*folder.glob("vectors-*.safetensors"), folder / LEGACY_VECTORS_FILE]:
         if old.name != keep and old.is_file():
             old.unlink()
-
-
-def _replace_file(file: Path, text: str) -> None:
-    """Write `file` under a temporary name, flush it to disk, then rename it over the old one: one step."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}-", suffix=".tmp", dir=file.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _usual_mode(tmp)
-        os.replace(tmp, file)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _check_record(record: dict, where: Path) -> None:

@@ -146,7 +146,7 @@ def test_a_save_that_dies_leaves_the_old_index_or_the_new_one_whole(index, tmp_p
     other = _other_index()
     targets = {
         "writing the vectors": (search, "save_file"),
-        "before index.json": (search, "_replace_file"),
+        "before index.json": (search, "write_json"),
         "removing the old vectors": (search, "_remove_other_vectors"),
     }
     owner, name = targets[crash_at]
