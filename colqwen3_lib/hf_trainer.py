@@ -25,7 +25,7 @@ from .processor import ColQwen3Processor
 
 
 def _hf_trainer_class():
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 
     class ColQwen3Trainer(Trainer):
         """`transformers.Trainer` for contrastive ColQwen3 training: `compute_loss` embeds queries and pages."""
@@ -34,6 +34,7 @@ def _hf_trainer_class():
             super().__init__(*args, **kwargs)
             self.loss_fn, self.config = loss_fn, config
             self.guard = CollapseGuard(config.collapse_patience, after_step=config.warmup_steps)
+            self.add_callback(_GuardCallback(self))
             self.spread: torch.Tensor | None = None  # of the last training batch, the largest over processes
             self.last_loss: torch.Tensor | None = None  # of the last training batch, the mean over processes
             # ColQwen3.forward takes **kwargs, which makes the Trainer expect the model to normalise the
@@ -110,15 +111,23 @@ def _hf_trainer_class():
                     loss = contrastive_loss(model, inputs, self.loss_fn)
             return loss.detach(), None, None
 
+    class _GuardCallback(TrainerCallback):
+        """After each optimizer step, the trainer's `check_learning`."""
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.trainer.check_learning()
+
     return ColQwen3Trainer
 
 
-def _hf_hook_callback(hook: StepHook | None, on_log: LogHook | None, trainer_of: list):
+def _hf_hook_callback(hook: StepHook | None, on_log: LogHook | None):
     from transformers import TrainerCallback
 
     class HookCallback(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            trainer_of[0].check_learning()
             if hook:
                 hook(state.global_step, None)
 
@@ -184,7 +193,6 @@ def train_hf(
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
     )
-    trainer_of = []  # the callback needs the trainer it is given to
     trainer = _hf_trainer_class()(
         model=model,
         args=args,
@@ -193,9 +201,8 @@ def train_hf(
         eval_dataset=eval_set,
         loss_fn=config.loss_function(),
         config=config,
-        callbacks=[_hf_hook_callback(hook, on_log, trainer_of)],
+        callbacks=[_hf_hook_callback(hook, on_log)],
     )
-    trainer_of.append(trainer)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
