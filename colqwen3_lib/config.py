@@ -99,8 +99,8 @@ TINY_DEFAULTS = dict(
     max_steps=300,
     # A random head at lr 5e-3 can fall into a trap in its first steps: its random scores start far from each
     # other (loss above chance), and shrinking them all together is the quickest way down, until no page can be
-    # told from another. With 10 warm-up steps 1 seed in 16 stayed at chance on the CPU (and both runs on an
-    # H200 drew such a start); with 40, all 16 and the GPU runs learnt (benchmarks/gpu_check.md).
+    # told from another. With 10 warm-up steps 1 seed in 16 stayed at chance on the CPU (on an H200, one run did
+    # and one learnt late); with 40, all 16 and the GPU runs learnt (benchmarks/gpu/2026-12-04-run2.md).
     warmup_steps=40,
     logging_steps=1,
     eval_steps=50,
