@@ -258,6 +258,7 @@ FORMATS: tuple[Format, ...] = (
     ),
 )
 
+FORMATS_BY_NAME = {f.name: f for f in FORMATS}
 
 # ------------------------------------------------------------------------------------------- reading
 
@@ -364,6 +365,8 @@ def detect(checkpoint: Checkpoint) -> Format:
                 raise ValueError(
                     f"{checkpoint.path} is a {fmt.title} checkpoint, which the kit does not load: {fmt.refused}"
                 )
+            if fmt.name == "ops":
+                _check_ops_label(checkpoint)
             return fmt
     tensors = checkpoint.tensors or {}
     prefixes = sorted({".".join(k.split(".")[:2]) for k in tensors})[:8]
@@ -373,6 +376,41 @@ def detect(checkpoint: Checkpoint) -> Format:
         f"{checkpoint.path} is in no known ColQwen3 layout: model_type={checkpoint.model_type!r}, "
         f"architectures={checkpoint.config.get('architectures')}, weight prefixes {prefixes or 'unreadable'}, "
         f"head-like tensors {heads or 'none'}. Supported formats: {supported}."
+    )
+
+
+def _check_ops_label(checkpoint: Checkpoint) -> None:
+    """Refuse a checkpoint labelled `ops_colqwen3` whose weights are not Ops' (it would load with Ops' prompts).
+
+    Ops' head maps the hidden size onto itself and its config has no `embedding_dim`; the kit's head is
+    `embedding_dim` x hidden. The weights decide which layout it really is.
+    """
+    head = next(
+        (
+            checkpoint.tensors[f"{h}.weight"]
+            for h in FORMATS_BY_NAME["ops"].heads
+            if checkpoint.has(f"{h}.weight")
+        ),
+        None,
+    )
+    hidden = (checkpoint.config.get("text_config") or {}).get("hidden_size")
+    if "embedding_dim" not in checkpoint.config and (head is None or hidden is None or head[0] == hidden):
+        return
+    relabelled = Checkpoint(
+        checkpoint.path, {**checkpoint.config, "model_type": QWEN3_VL}, checkpoint.tensors
+    )
+    really = next((f for f in FORMATS if f.recognise(relabelled) and not f.refused), None)
+    shape = f"a {head[0]} x {head[1]} head" if head else "no head"
+    raise CheckpointError(
+        f"{checkpoint.path}: config.json says model_type 'ops_colqwen3' (Ops-Colqwen3), but the weights are not "
+        f"Ops': they hold {shape} where Ops' maps the hidden size onto itself ({hidden} x {hidden})"
+        + (", and config.json has the kit's embedding_dim" if "embedding_dim" in checkpoint.config else "")
+        + ". Loaded as Ops it would get Ops' prompts ('Query: ') and embed queries wrongly. "
+        + (
+            f"The weights are in the layout of {really.title}: set model_type back to 'qwen3_vl' in config.json."
+            if really
+            else "Restore the config.json that came with these weights."
+        )
     )
 
 

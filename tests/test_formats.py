@@ -503,3 +503,20 @@ def test_the_evaluation_command_says_what_is_wrong_with_a_checkpoint_in_one_line
     assert main(["--model-path", str(folder), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
     error = capsys.readouterr().err
     assert "is not valid JSON" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("dim", [128, 64], ids=["128-d-head", "hidden-size-head"])
+def test_a_kit_checkpoint_labelled_as_ops_is_refused_naming_its_real_layout(native, tmp_path, dim):
+    # Loaded as Ops it would embed queries with Ops' "Query: " prefix. The tiny hidden size is 64, so the
+    # 64-d case is told apart by the kit's embedding_dim alone.
+    folder = _copy(native, tmp_path, dim=dim)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "ops_colqwen3"}))
+    with pytest.raises(
+        formats.CheckpointError, match="weights are not Ops'.*set model_type back to 'qwen3_vl'"
+    ):
+        detect_format(folder)
+    with pytest.raises(formats.CheckpointError, match="this kit's ColQwen3.save_pretrained"):
+        load_model(str(folder), device="cpu")
+    _, real_ops = ops_checkpoint(native, tmp_path, dims=64)
+    assert detect_format(real_ops).name == "ops"
