@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .metrics import MAIN_SCORE, MTEB, PROTOCOL, VIDORE_BENCHMARK, check_protocol
 from .synthetic import SYNTHETIC, SYNTHETIC_BEIR_TASKS, SYNTHETIC_TASKS
@@ -194,4 +195,15 @@ def benchmark_of(name: str, protocol: str = PROTOCOL, revision: str | None = Non
         for task in bench.tasks:
             if task.path == path and revision in (None, task.revision):
                 return bench
+    return None
+
+
+def local_copy_of(path: str | os.PathLike) -> BenchmarkTask | None:
+    """The benchmark task a local folder is a copy of, recognised by its name: a folder named as the hub
+    dataset (`esg_reports_v2`, `vidore_v3_hr_mteb_format`), or inside the hub cache's `datasets--owner--name`."""
+    parts = Path(path).resolve().parts
+    for task in KNOWN_TASKS.values():
+        owner, _, name = task.path.rpartition("/")
+        if owner and (name in parts or f"datasets--{owner}--{name}" in parts):
+            return task
     return None

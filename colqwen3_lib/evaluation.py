@@ -400,12 +400,13 @@ def evaluate_model(
                 show_progress,
                 protocol,
             )
-            bench = benchmark_of(task.name, protocol, task.revision)
+            bench = benchmark_of(task.copy_of or task.name, protocol, task.revision)
             result = {
                 "protocol": protocol,
                 "benchmark": bench.alias if bench else None,
                 "main_score": bench.main_score if bench else MAIN_SCORE,
                 "revision": task.revision,
+                **({"copy_of": task.copy_of} if task.copy_of else {}),
                 **result,
             }
             result["seconds"] = {"load": round(load_seconds, 3), **result["seconds"]}

@@ -29,7 +29,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .benchmarks import ALIASES, BENCHMARKS, KNOWN_TASKS, VIDORE_V1_TASKS, split_revision
+from .benchmarks import (
+    ALIASES,
+    BENCHMARKS,
+    KNOWN_TASKS,
+    VIDORE_V1_TASKS,
+    BenchmarkTask,
+    local_copy_of,
+    split_revision,
+)
 from .data import load_split
 from .metrics import MTEB, PROTOCOL, check_protocol
 from .synthetic import (
@@ -77,6 +85,7 @@ class RetrievalTask:
     image_docs: list[tuple[int, str]]
     subsets: dict[str, list[str]] = field(default_factory=dict)
     revision: str | None = None
+    copy_of: str | None = None  # a local folder: the hub dataset it is a copy of (`benchmarks.local_copy_of`)
 
     @property
     def n_documents(self) -> int:
@@ -321,13 +330,33 @@ def expand_datasets(names: Iterable[str | os.PathLike], protocol: str = PROTOCOL
     return expanded
 
 
+def split_copy_of(spec: str) -> tuple[str, BenchmarkTask | None]:
+    """`PATH=owner/name` (a local copy of a ViDoRe task, said by the user) -> (PATH, that task); else (spec, None).
+
+    Raises:
+        ValueError: the name after `=` is not a task of the benchmarks the kit knows.
+    """
+    if "=" not in spec or os.path.exists(spec):
+        return spec, None
+    path, hub_id = spec.rsplit("=", 1)
+    hub_id = split_revision(hub_id)[0]
+    if hub_id not in KNOWN_TASKS:
+        raise ValueError(
+            f"{spec!r}: {hub_id!r} is not a ViDoRe task the kit knows; after '=' name one of {sorted(KNOWN_TASKS)}"
+        )
+    if not os.path.exists(path):
+        raise ValueError(f"{spec!r}: {path} does not exist; before '=' give the folder of your local copy")
+    return path, KNOWN_TASKS[hub_id]
+
+
 def _check_dataset_name(name_or_path: str) -> None:
-    """A name a dataset can have: a local path, a synthetic task, or a hub id (owner/name, optionally @revision).
+    """A name a dataset can have: a local path (optionally `=owner/name`, the task it is a copy of), a synthetic
+    task, or a hub id (owner/name, optionally @revision).
 
     Raises:
         ValueError: it is none of those; the message lists what is.
     """
-    name = split_revision(name_or_path)[0]
+    name = split_revision(split_copy_of(name_or_path)[0])[0]
     if Path(name).exists() or name in SYNTHETIC_TASKS or name in SYNTHETIC_BEIR_TASKS or name.count("/") == 1:
         return
     raise ValueError(
@@ -339,7 +368,7 @@ def _check_dataset_name(name_or_path: str) -> None:
 def task_name(name_or_path: str | os.PathLike) -> str:
     """How a dataset is named in results: hub ids (without revision) and synthetic names as given, local
     paths by folder name."""
-    path = Path(name_or_path)
+    path = Path(split_copy_of(str(name_or_path))[0])
     return path.resolve().name if path.exists() else split_revision(str(name_or_path))[0]
 
 
@@ -352,35 +381,50 @@ def load_task(name_or_path: str | os.PathLike, split: str = SPLIT, protocol: str
     A local folder with `corpus`, `queries` and `qrels` is BEIR; one with `<language>-corpus`,
     `<language>-queries` and `<language>-qrels` folders is mteb's per-language layout; any other local
     dataset is QA. On the hub, the dataset's configs decide likewise. Under the `mteb` protocol, the
-    ViDoRe v2 tasks mteb splits by language are split the same way.
+    ViDoRe v2 tasks mteb splits by language are split the same way, and so is a local copy of one: a folder
+    named as the hub dataset (`benchmarks.local_copy_of`) or given as `PATH=owner/name`. A local copy is
+    scored by its benchmark's main score.
 
     Raises:
         ValueError: the dataset cannot be read, or lacks what evaluation needs.
     """
     check_protocol(protocol)
-    name, revision = split_revision(str(name_or_path))
+    name, copy_of = split_copy_of(str(name_or_path))
+    name, revision = split_revision(name)
     if name in SYNTHETIC_BEIR_TASKS:
         name = str(synthetic_docs()[name])
     path = Path(name)
     display = task_name(name)
     if path.exists():
+        copy_of = copy_of or local_copy_of(path)
         try:
-            if _is_beir_dir(path):
-                parts = {part: load_split(path / part, split) for part in BEIR_COLUMNS}
-                return beir_task(parts["corpus"], parts["queries"], parts["qrels"], display)
-            languages = _config_languages(p.name for p in path.iterdir() if p.is_dir())
-            if languages:
-                return per_language_task(lambda config: load_split(path / config, split), languages, display)
-            ds = load_split(path, split)
+            task = _load_local_task(path, split, protocol, display, copy_of)
         except OSError as err:
             raise ValueError(f"{name} could not be read as a dataset: {err}") from err
-        return qa_task(ds, display, protocol)
+        task.copy_of = copy_of.path if copy_of else None
+        return task
     if name in SYNTHETIC_TASKS:
         return qa_task(load_split(name, split), display, protocol)
     _check_dataset_name(name)
     task = _load_hub_task(name, split, revision, protocol)
     task.revision = revision
     return task
+
+
+def _load_local_task(
+    path: Path, split: str, protocol: str, display: str, copy_of: BenchmarkTask | None
+) -> RetrievalTask:
+    languages = copy_of.languages if copy_of else ()
+    if _is_beir_dir(path):
+        parts = {part: load_split(path / part, split) for part in BEIR_COLUMNS}
+        subsets = (
+            _by_language(parts["queries"], languages, display) if protocol == MTEB and languages else None
+        )
+        return beir_task(parts["corpus"], parts["queries"], parts["qrels"], display, subsets)
+    languages = _config_languages((p.name for p in path.iterdir() if p.is_dir()), languages)
+    if languages:
+        return per_language_task(lambda config: load_split(path / config, split), languages, display)
+    return qa_task(load_split(path, split), display, protocol)
 
 
 def _load_hub_task(name: str, split: str, revision: str | None, protocol: str) -> RetrievalTask:

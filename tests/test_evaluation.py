@@ -249,3 +249,25 @@ def test_embedding_with_prefetching_gives_the_embeddings_without(model, processo
     )
     for a, b in zip(plain[0] + plain[1], ahead[0] + ahead[1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_local_copy_of_a_v3_task_reports_ndcg_at_10_as_mteb_does(
+    per_language_dir, fake_model, fake_processor
+):
+    vectors = {
+        "first": [0.9, 0.1, 0.0, 0, 0, 0],
+        "second": [0.1, 0.5, 0.9, 0, 0, 0],
+        "premier": [0.1, 0.9, 0.2, 0, 0, 0],
+        "second fr": [0.0, 0.0, 0.9, 0, 0, 0],
+    }
+    spec = f"{per_language_dir}=vidore/vidore_v3_hr_mteb_format"
+    result = evaluate_model(fake_model, fake_processor(vectors), [spec], show_progress=False)["tiny_v3"]
+    assert (result["benchmark"], result["main_score"]) == ("vidore-v3", "ndcg_at_10")
+    assert result["copy_of"] == "vidore/vidore_v3_hr_mteb_format" and set(result["subsets"]) == {
+        "english",
+        "french",
+    }
+    plain = evaluate_model(fake_model, fake_processor(vectors), [per_language_dir], show_progress=False)[
+        "tiny_v3"
+    ]
+    assert (plain["benchmark"], plain["main_score"]) == (None, "ndcg_at_5")

@@ -198,3 +198,58 @@ def test_a_language_missing_one_of_its_parts_is_refused_not_left_out(per_languag
     shutil.rmtree(broken / "french-corpus")
     shutil.rmtree(broken / "french-queries")
     assert list(load_task(broken).subsets) == ["english"]  # a language left out whole, on purpose
+
+
+# ------------------------------------------------------------------ local copies of ViDoRe tasks
+
+
+def _copy_with_languages(beir_dir, dst):
+    """The tiny BEIR set with a `language` column on its queries, as ViDoRe v2's multilingual tasks have."""
+    shutil.copytree(beir_dir, dst)
+    queries = Dataset.from_dict(
+        {
+            "query-id": [1, 2, 3],
+            "query": ["first", "second", "unjudged"],
+            "language": ["english", "french", "english"],
+        }
+    )
+    shutil.rmtree(dst / "queries")
+    DatasetDict(test=queries).save_to_disk(str(dst / "queries"))
+    return dst
+
+
+@pytest.mark.parametrize("where", ["named-as-the-hub", "hub-cache", "said-by-the-user"])
+def test_a_local_copy_of_a_v2_task_is_split_by_language_as_mteb_splits_it(beir_dir, tmp_path, where):
+    if where == "named-as-the-hub":
+        spec = str(_copy_with_languages(beir_dir, tmp_path / "esg_reports_v2"))
+    elif where == "hub-cache":
+        spec = str(
+            _copy_with_languages(beir_dir, tmp_path / "datasets--vidore--esg_reports_v2" / "snapshots" / "a1")
+        )
+    else:
+        spec = f"{_copy_with_languages(beir_dir, tmp_path / 'my_esg')}=vidore/esg_reports_v2"
+    task = load_task(spec, protocol=MTEB)
+    assert task.copy_of == "vidore/esg_reports_v2"
+    assert task.subsets == {"french": ["2"], "spanish": [], "english": ["1", "3"], "german": []}
+    assert benchmark_of(task.copy_of).main_score == "ndcg_at_5"
+    assert load_task(spec, protocol=VIDORE_BENCHMARK).subsets == {}  # one pool of queries, as for the hub id
+
+
+def test_a_local_copy_of_a_v3_task_is_scored_by_v3s_main_score(per_language_dir, tmp_path):
+    named = tmp_path / "vidore_v3_hr_mteb_format"
+    shutil.copytree(per_language_dir, named)
+    for spec in (named, f"{per_language_dir}=vidore/vidore_v3_hr_mteb_format"):
+        task = load_task(spec)
+        assert task.copy_of == "vidore/vidore_v3_hr_mteb_format" and list(task.subsets) == [
+            "english",
+            "french",
+        ]
+        assert benchmark_of(task.copy_of).main_score == "ndcg_at_10"
+    assert load_task(per_language_dir).copy_of is None  # a folder of another name is not guessed at
+
+
+def test_a_copy_of_a_task_the_kit_does_not_know_is_refused_before_any_work(per_language_dir, tmp_path):
+    with pytest.raises(ValueError, match="'vidore/nope' is not a ViDoRe task the kit knows"):
+        expand_datasets([f"{per_language_dir}=vidore/nope"])
+    with pytest.raises(ValueError, match="does not exist; before '=' give the folder"):
+        expand_datasets([f"{tmp_path / 'missing'}=vidore/esg_reports_v2"])
