@@ -1,5 +1,6 @@
 """Checkpoints: only complete ones count, `latest` is the last of them, and a run interrupted right after
-one resumes to the weights of an uninterrupted run, with either trainer."""
+one (Ctrl-C in the process, or `kill -9` of a process) resumes to the weights of an uninterrupted run, with either
+trainer."""
 
 import pytest
 import torch
@@ -67,3 +68,53 @@ def test_resume_after_an_interruption_reaches_the_same_weights(tmp_path, torch_r
         3,
         4,
     ]  # the resumed run keeps the earlier log
+
+
+KILL_AT_THE_CHECKPOINT = """
+import os, signal, sys
+from colqwen3_lib.train import config_from_args
+from colqwen3_lib.training import train
+
+def kill(step, checkpoint):
+    if checkpoint is not None and step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9, right after the checkpoint at step 2 is complete
+
+train(config_from_args(sys.argv[1:]), hook=kill)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["torch", "hf"])
+def test_a_run_killed_at_a_checkpoint_resumes_to_the_uninterrupted_runs_files_bit_for_bit(tmp_path, trainer):
+    """`kill -9` right after a checkpoint, then `--resume-from-checkpoint latest`: the final adapter and head equal
+    those of a run that was never stopped, bit for bit; each run is a process of its own on one thread."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--base-model-path", "tiny", "--peft", "--max-steps", "4", "--save-steps", "2"]
+    args += ["--warmup-steps", "1", "--trainer", trainer]
+    args += ["--per-device-train-batch-size", "8", "--max-visual-tokens", "16", "--eval-dataset", "none"]
+
+    def run(*command, output_dir):
+        command = [sys.executable, *command, "--output-dir", str(output_dir), *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True)
+
+    reference, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    done = run("-m", "colqwen3_lib.train", output_dir=reference)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = run("-c", KILL_AT_THE_CHECKPOINT, output_dir=killed)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert latest_checkpoint(killed) == killed / "checkpoint-2"
+    assert not (killed / "adapter_model.safetensors").exists()
+    done = run("-m", "colqwen3_lib.train", "--resume-from-checkpoint", "latest", output_dir=killed)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = sorted(p.name for p in reference.glob("*.safetensors"))
+    assert "adapter_model.safetensors" in files
+    assert files == sorted(p.name for p in killed.glob("*.safetensors"))
+    for name in files:
+        expected, resumed = load_file(reference / name), load_file(killed / name)
+        assert expected.keys() == resumed.keys()
+        assert all(torch.equal(resumed[key], expected[key]) for key in expected), name
