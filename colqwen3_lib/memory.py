@@ -4,9 +4,10 @@
 and a batch of pages, in-batch contrastive loss, backward, AdamW step) from the model's config
 alone, by counting what is resident and what autograd saves for backward:
 
-- weights: every parameter, in the model dtype (LoRA adapters in float32, as peft keeps them; the
-  head trained in full is a second copy of `custom_text_proj`, as `lora.lora_config` makes it);
-- trainable + optimizer: AdamW keeps two states per trainable parameter, in its dtype;
+- weights: every parameter of the model, in the model dtype, frozen or trained;
+- trainable + optimizer: what training adds to them: the LoRA adapters (in float32, as peft keeps them) and
+  the head trained in full (a second copy of `custom_text_proj`, as `lora.lora_config` makes it), and
+  AdamW's two states per trainable parameter, in its dtype (under full fine-tuning, the states alone);
 - gradients: one per trainable parameter, alive after backward and during the optimizer step;
 - activations: the tensors saved for backward, counted per token and per layer (below);
 - workspace: short-lived buffers at the peak (the loss's similarity block and its gradient, one
@@ -415,7 +416,7 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
     cast = a if a != _FP32 else 0  # a copy made when float32 inputs meet a bf16/fp16 model
     params = count_parameters(arch, setup.lora_rank, setup.embedding_dim, setup.head_in_full)
 
-    # Resident: frozen weights; trainable parameters and their optimizer states.
+    # Resident: the weights; the trainable copies (LoRA, a head in full) and their optimizer states.
     n_states = OPTIMIZER_STATES[setup.optimizer]
     if setup.lora:
         head = params.head if setup.head_in_full else 0  # trained in full: a copy, in the model dtype
@@ -425,12 +426,12 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
         largest_trainable = max(max(s.hidden, s.intermediate) * setup.lora_rank * _LORA_BYTES, head * a)
         text_grads = trainable_bytes
     else:
-        weights = 0
+        weights = a * params.base  # trained in place: no second copy
         trainable_params = params.base
         trainable_bytes = params.base * a
         largest_trainable = params.embedding * a
         text_grads = (params.text_layers + params.head) * a
-    trainable = trainable_bytes * (1 + n_states)
+    trainable = trainable_bytes * n_states + (trainable_bytes if setup.lora else 0)
     all_gradients = trainable_bytes
 
     # Text activations: queries and pages are two forward passes, both kept for the loss. With the gradient

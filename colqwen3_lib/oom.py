@@ -332,8 +332,15 @@ def oom_advice(
     smaller, smaller_accum = batch // 2, accum * 2
     if setup.model_size is not None and memory_gib is not None:
         estimate = estimate_memory(setup)
+        usable = memory_gib * HEADROOM
         lines.append(
-            f"The estimated peak is {estimate.total_gib:.1f} GiB on this {memory_gib:.0f} GiB device."
+            f"The estimated peak is {estimate.total_gib:.1f} GiB on this {memory_gib:.0f} GiB device"
+            + (
+                f", more than the {usable:.1f} GiB ({HEADROOM:.0%}) a run can count on: the rest goes to the CUDA "
+                "context, the allocator's fragmentation and other processes."
+                if estimate.total_gib > usable
+                else "."
+            )
         )
         suggestion = suggest_settings(memory_gib, setup, effective_batch_size=batch * accum)
         if suggestion.fits and suggestion.batch_size < batch:
@@ -349,6 +356,8 @@ def oom_advice(
         fitting = None
         if setup.model_size is not None and memory_gib is not None:
             fitting = largest_chunk_size(memory_gib * GIB * HEADROOM, setup)
+            if chunk is None:  # at most half the batch, as `suggest_settings` offers it
+                fitting = min(fitting, batch // 2)
         default = max(1, batch // 4) if chunk is None else max(1, chunk // 2)
         new_chunk = fitting if fitting and fitting < (chunk or batch) else default
         tries.append(

@@ -92,7 +92,8 @@ def test_lora_trains_only_the_adapters_and_the_head():
         in_full.all_gradients == 4 * in_full_params.lora + 2 * in_full_params.head
     )  # the bf16 copy of the head
     assert full.trainable_params == params.base
-    assert full.trainable == 3 * 2 * params.base  # bf16 parameters + two AdamW states
+    # Every parameter is a weight, trained or not; full fine-tuning adds two AdamW states per parameter.
+    assert (full.weights, full.trainable) == (2 * params.base, 2 * 2 * params.base)
     assert lora.total < full.total
 
 

@@ -151,7 +151,7 @@ def test_a_batch_that_needs_accumulation_can_keep_its_negatives_with_the_gradien
 
 def test_out_of_memory_advice_offers_the_gradient_cache_first_and_a_smaller_chunk_once_on():
     setup = TrainingSetup(model_size="8b", batch_size=64)
-    chunk = oom.largest_chunk_size(24 * GIB * oom.HEADROOM, setup)
+    chunk = min(oom.largest_chunk_size(24 * GIB * oom.HEADROOM, setup), 32)
     tries = oom.oom_advice(setup, memory_gib=24).split("Try, in this order: ")[1]
     assert tries.startswith(f"--grad-cache-chunk-size {chunk} (the gradient cache")
     assert "--per-device-train-batch-size" in tries  # accumulation stays on the list
@@ -159,6 +159,21 @@ def test_out_of_memory_advice_offers_the_gradient_cache_first_and_a_smaller_chun
     assert f"--grad-cache-chunk-size {chunk} " in on and chunk < 32
     unknown = oom.oom_advice(TrainingSetup(model_size=None, batch_size=64, grad_cache_chunk_size=16))
     assert "--grad-cache-chunk-size 8 " in unknown  # no estimate: half the chunk
+
+
+def test_out_of_memory_advice_on_a_batch_that_nearly_fits_explains_the_headroom_and_halves_the_batch():
+    """The 2B at batch 64 on 24 GiB: an estimate under 24 GiB but over the 90% a run can count on is called out
+    as such, and the chunk offered is at most half the batch (not a chunk of 62 and one of 2)."""
+    setup = TrainingSetup(model_size="2b", batch_size=64, max_visual_tokens=768)
+    estimate = estimate_memory(setup).total_gib
+    assert 24 * oom.HEADROOM < estimate < 24
+    advice = oom.oom_advice(setup, memory_gib=24)
+    assert (
+        f"{estimate:.1f} GiB on this 24 GiB device, more than the 21.6 GiB (90%) a run can count on" in advice
+    )
+    assert oom.largest_chunk_size(24 * GIB * oom.HEADROOM, setup) > 32
+    assert "--grad-cache-chunk-size 32 (" in advice
+    assert "more than the" not in oom.oom_advice(setup, memory_gib=80)
 
 
 def test_the_fastest_setting_that_fits_is_suggested():
