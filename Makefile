@@ -10,6 +10,9 @@ EXTRAS ?= notebooks,eval,dev,mteb
 # worker, with its module fixtures. PYTEST_ARGS passes anything else to pytest.
 PYTEST_WORKERS ?= -n auto --dist loadfile
 PYTEST_ARGS ?=
+# Anything else for JupyterLab, e.g. LAB_ARGS="--no-browser --port=8899". As root (containers, cloud notebooks)
+# `make lab` adds --allow-root, without which JupyterLab refuses to start.
+LAB_ARGS ?=
 
 .PHONY: install course lab demo test lint bench clean
 
@@ -27,7 +30,7 @@ course: install
 	$(BIN)/python -m colqwen3_lib.course --profile tiny --output-dir runs/tiny --no-progress
 
 lab: install
-	cd notebooks && ../$(BIN)/jupyter lab
+	cd notebooks && $(strip ../$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS))
 
 demo: install
 	$(BIN)/python -m colqwen3_lib.demo

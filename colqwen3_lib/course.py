@@ -5,7 +5,8 @@
     python -m colqwen3_lib.course -p MAX_STEPS 40 --only 03_lora_training 04_vidore_eval
 
 Writes, under the output directory: each executed notebook, its `metrics.json` (in a folder named
-after the notebook), an HTML rendering of each executed notebook plus `index.html`, and
+after the notebook), an HTML rendering of each executed notebook plus `index.html` (the pages link each
+other: index, previous and next notebook), and
 `summary.json` / `summary.md` with per-notebook status, time and metrics. The training notebook's
 adapter is passed on to the evaluation notebook. A failing notebook stops the run with its name,
 cell and error; what earlier notebooks produced stays.
@@ -208,12 +209,15 @@ TINY_CELL_TIMEOUT_S = 600
 
 def render_html(executed: Path, target: Path) -> None:
     """An executed notebook as one HTML page that reads offline: nothing is fetched from a CDN, and each
-    widget output (which would need the widget manager) is replaced by a note pointing to its static figure."""
+    widget output (which would need the widget manager) is replaced by a note pointing to its static figure.
+    Its navigation bars stay empty until `link_pages`."""
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(executed, as_version=4)
     nb.metadata.pop("widgets", None)
+    if nb.cells and nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "):
+        nb.metadata.setdefault("title", notebook_intro(executed)[0])  # the page's title: its H1
     for cell in nb.cells:
         for i, output in enumerate(cell.get("outputs", [])):
             if WIDGET_VIEW in output.get("data", {}):
@@ -230,6 +234,46 @@ def notebook_intro(notebook: Path) -> tuple[str, str]:
     text = "".join(nbformat.read(notebook, as_version=4).cells[0].source).strip().split("\n\n")
     title = text[0].lstrip("# ").strip()
     return title, " ".join(text[1].split()) if len(text) > 1 else ""
+
+
+def _intro(notebooks_dir: Path, name: str) -> tuple[str, str]:
+    """`notebook_intro` of a course notebook; its name and no description when its source is not there."""
+    source = notebooks_dir / f"{name}.ipynb"
+    return notebook_intro(source) if source.exists() else (name, "")
+
+
+# The navigation bar at the top and the bottom of each notebook page: the offline template writes it empty,
+# `link_pages` fills it in.
+NAV = re.compile(r'(<nav [^>]*class="course-nav"[^>]*>).*?(</nav>)', re.DOTALL)
+
+
+def link_pages(output_dir: str | Path, notebooks_dir: str | Path = DEFAULT_NOTEBOOKS_DIR) -> None:
+    """Fill the navigation bars of the notebook pages in `output_dir/html`: a link to the landing page and to
+    the previous and next notebook, in course order, among the pages that folder holds. A run of some
+    notebooks (`--only`) thus links past the pages it lacks, and no link points to a missing page.
+
+    Args:
+        output_dir: The course run's folder: `index.html` and `html/<notebook>.html`.
+        notebooks_dir: Where the source notebooks are, for their titles.
+    """
+    html = Path(output_dir) / "html"
+    pages = [name for name in NOTEBOOKS if (html / f"{name}.html").exists()]
+    titles = {name: escape(_intro(Path(notebooks_dir), name)[0]) for name in pages}
+    index = ['<a href="../index.html">Course index</a>'] if (html.parent / "index.html").exists() else []
+    for before, name, after in zip([None, *pages], pages, [*pages[1:], None]):
+        links = list(index)
+        if before:
+            links.append(f'<a rel="prev" href="{before}.html">&larr; {titles[before]}</a>')
+        if after:
+            links.append(f'<a rel="next" href="{after}.html">{titles[after]} &rarr;</a>')
+        _fill_bars(html / f"{name}.html", "".join(links))
+
+
+def _fill_bars(page: Path, links: str) -> None:
+    text = page.read_text()
+    linked = NAV.sub(lambda bar: bar[1] + links + bar[2], text)
+    if linked != text:
+        page.write_text(linked)
 
 
 # The metrics the landing page shows for each notebook (the rest are in summary.json).
@@ -274,8 +318,7 @@ def _landing_page(output_dir: Path, rows: list[dict], notebooks_dir: Path) -> st
     items = []
     for row in rows:
         name = row["notebook"]
-        source = notebooks_dir / f"{name}.ipynb"
-        title, teaches = notebook_intro(source) if source.exists() else (name, "")
+        title, teaches = _intro(notebooks_dir, name)
         link = (
             f'<a href="html/{name}.html">{escape(title)}</a>'
             if (output_dir / "html" / f"{name}.html").exists()
@@ -421,6 +464,7 @@ def run_course(
                 render_html(executed, output_dir / "html" / f"{name}.html")
             earlier[name] = rows[-1]
             _write_summary(output_dir, [earlier[n] for n in NOTEBOOKS if n in earlier], notebooks_dir)
+            link_pages(output_dir, notebooks_dir)
             print(f"    {status} in {seconds:.1f} s", flush=True)
             if error:
                 raise NotebookFailed(error + f" (executed notebook: {executed})")

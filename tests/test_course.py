@@ -1,6 +1,14 @@
-"""The papermill course runner, on small stand-in notebooks (the real ones run in test_course_run.py)."""
+"""The papermill course runner, on small stand-in notebooks (the real ones run in test_course_run.py), and
+`make lab`, which opens the course in JupyterLab."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -72,6 +80,11 @@ def test_runs_in_order_passes_parameters_and_the_adapter(stand_ins, tmp_path, mo
         assert (out / f"{name}.ipynb").exists() and (out / "html" / f"{name}.html").exists()
     assert "04_vidore_eval.html" in (out / "index.html").read_text()
     assert "| 00_setup_check | ok |" in (out / "summary.md").read_text()
+    first, middle, last = (out / "html" / f"{row['notebook']}.html" for row in rows)
+    assert 'rel="next" href="03_lora_training.html"' in first.read_text()  # the run's pages link each other
+    assert 'rel="prev"' not in first.read_text()
+    assert 'rel="prev" href="00_setup_check.html"' in middle.read_text()
+    assert 'rel="next"' not in last.read_text() and 'href="../index.html"' in last.read_text()
     assert not list((tmp_path / "tmp").glob("colqwen3-kernels-*"))  # the kernels' socket folder is gone
 
 
@@ -282,3 +295,81 @@ def test_kernels_use_unix_sockets_unless_the_folder_is_too_deep_for_one(tmp_path
     assert short.transport == "ipc" and short.ip.startswith(str(tmp_path))
     deep = tmp_path / ("d" * 120)
     assert _kernel_manager_class(deep)().transport == "tcp"  # a socket path holds at most 107 bytes
+
+
+REPO = Path(__file__).resolve().parents[1]
+# `make` as a learner types it, even when the tests themselves run under `make test`.
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_make_lab_passes_allow_root_only_to_root():
+    shown = subprocess.run(
+        ["make", "-n", "-C", str(REPO), "lab", "LAB_ARGS=--no-browser"],
+        capture_output=True,
+        text=True,
+        env=MAKE_ENV,
+    )
+    assert shown.returncode == 0, shown.stderr
+    allow_root = " --allow-root" if os.geteuid() == 0 else ""
+    assert f"cd notebooks && ../.venv/bin/jupyter lab{allow_root} --no-browser\n" in shown.stdout
+
+
+def _stop(group: subprocess.Popen) -> None:
+    """Stop a process started in a session of its own and everything it started; return once none is left."""
+    deadline = time.monotonic() + 30
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group.pid, sig)
+        except ProcessLookupError:
+            break
+        while time.monotonic() < deadline:
+            group.poll()  # collects the leader once it exits
+            try:
+                os.killpg(group.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        deadline = time.monotonic() + 10
+    group.wait()
+
+
+@pytest.mark.slow
+def test_make_lab_serves_the_course_for_root_and_for_others(tmp_path):
+    """`make lab` as a learner runs it (root in a container or a cloud notebook, or not): JupyterLab starts and
+    answers on its port. It is stopped, with everything it started, whatever happens."""
+    if subprocess.run(["make", "-q", "-C", str(REPO), "install"], env=MAKE_ENV).returncode != 0:
+        pytest.skip("the kit's .venv is not built or is out of date: `make install` first")
+    port, token = _free_port(), "course-test"
+    lab_args = (
+        f"--no-browser --ip=127.0.0.1 --port={port} --ServerApp.token={token} --ServerApp.open_browser=False"
+    )
+    env = {**MAKE_ENV, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}  # its server files, not the user's
+    log = tmp_path / "lab.log"
+    with log.open("w") as output:
+        lab = subprocess.Popen(
+            ["make", "-C", str(REPO), "lab", f"LAB_ARGS={lab_args}"],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # make, its shell and JupyterLab form one group, stopped together
+        )
+    try:
+        deadline, status = time.monotonic() + 90, None
+        while status is None and time.monotonic() < deadline and lab.poll() is None:
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/status?token={token}", timeout=5
+                ) as reply:
+                    status = json.load(reply)
+            except OSError:
+                time.sleep(0.5)
+        assert status is not None, f"`make lab` did not answer on port {port}:\n{log.read_text()[-3000:]}"
+        assert "started" in status
+    finally:
+        _stop(lab)
