@@ -312,6 +312,7 @@ def make_synthetic_docs(
     Returns:
         Dataset name -> its directory (load with `load_split`).
     """
+    import datasets
     from datasets import DatasetDict, load_from_disk
 
     if n_train < 1 or n_test < 2:
@@ -327,7 +328,14 @@ def make_synthetic_docs(
         for mirror, name in SYNTHETIC_BEIR_TASKS.items():
             write_beir_mirror(load_from_disk(str(tmp / name))["test"], tmp / mirror)
 
-    build_folder(path, write)
+    # Ten "Saving the dataset" bars would open the first notebook that needs the pages: a one-off build, silent.
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        build_folder(path, write)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     return {name: path / name for name in (TRAIN_SET_NAME, *SYNTHETIC_TASKS, *SYNTHETIC_BEIR_TASKS)}
 
 

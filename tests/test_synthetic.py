@@ -126,3 +126,14 @@ def test_each_synthetic_test_set_has_its_beir_mirror(synthetic, mirror):
     assert list(zip(qrels["query-id"], qrels["corpus-id"], qrels["score"])) == [
         (i, row, 1) for i, (row, _) in enumerate(asked)
     ]
+
+
+def test_building_the_pages_draws_no_progress_bar_and_leaves_the_bars_as_they_were(tmp_path, capsys):
+    """The first notebook to need the pages builds them: that must not open it with ten "Saving the dataset"
+    bars, and the user's own progress bars stay on."""
+    import datasets
+
+    datasets.enable_progress_bars()
+    make_synthetic_docs(tmp_path / "docs", n_train=4, n_test=4)
+    assert "Saving the dataset" not in capsys.readouterr().err
+    assert not datasets.are_progress_bars_disabled()
