@@ -43,6 +43,7 @@ NOTEBOOKS = (
     "05_troubleshooting_oom",
     "06_search_your_documents",
 )
+TRAINING_NOTEBOOK = "03_lora_training"  # its adapter (metrics' `adapter_path`) goes to the notebooks after it
 # Shared parameters per profile; each notebook receives the ones its parameters cell declares.
 # `tiny` keeps every notebook's own defaults, which are the offline CPU settings.
 _REAL = {
@@ -435,16 +436,21 @@ def run_course(
         ) from err
     shared = {**PROFILES[profile], **parameters}
     earlier = _earlier_rows(output_dir)  # a rerun into the same folder keeps the other notebooks' results
-    if "adapter_path" in earlier.get("03_lora_training", {}).get("metrics", {}):
-        shared.setdefault("ADAPTER_PATH", earlier["03_lora_training"]["metrics"]["adapter_path"])
+    # The adapter trained in 03 flows on to the notebooks after it (an earlier run's, on a rerun), never back to
+    # 02, whose lesson is the untrained head; `-p ADAPTER_PATH` sets it for all.
+    trained = earlier.get(TRAINING_NOTEBOOK, {}).get("metrics", {}).get("adapter_path")
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="colqwen3-kernels-") as kernels:  # their Unix sockets
         kernel_manager = _kernel_manager_class(Path(kernels))
         for position, name in enumerate(names, 1):
             work_dir = output_dir / name
             work_dir.mkdir(exist_ok=True)
+            after_training = NOTEBOOKS.index(name) > NOTEBOOKS.index(TRAINING_NOTEBOOK)
+            adapter = {"ADAPTER_PATH": trained} if trained and after_training else {}
             params = {
-                k: v for k, v in {**shared, "OUTPUT_DIR": str(work_dir)}.items() if k in declared_by[name]
+                k: v
+                for k, v in {**adapter, **shared, "OUTPUT_DIR": str(work_dir)}.items()
+                if k in declared_by[name]
             }
             print(
                 f"[{position}/{len(names)}] {name} ({', '.join(f'{k}={v}' for k, v in params.items())})",
@@ -469,7 +475,7 @@ def run_course(
             if error:
                 raise NotebookFailed(error + f" (executed notebook: {executed})")
             if "adapter_path" in metrics:
-                shared["ADAPTER_PATH"] = metrics["adapter_path"]
+                trained = metrics["adapter_path"]
     return rows
 
 

@@ -88,6 +88,24 @@ def test_runs_in_order_passes_parameters_and_the_adapter(stand_ins, tmp_path, mo
     assert not list((tmp_path / "tmp").glob("colqwen3-kernels-*"))  # the kernels' socket folder is gone
 
 
+def test_a_rerun_hands_the_trained_adapter_on_but_not_back_to_the_untrained_lesson(stand_ins, tmp_path):
+    """02 teaches the untrained head: a rerun into a folder whose 03 trained an adapter gives it to 04, not 02."""
+    _notebook(
+        stand_ins / "02_model_and_late_interaction.ipynb",
+        'OUTPUT_DIR: str = "."  # where metrics go\nADAPTER_PATH: str = ""  # adapter',
+        WRITE_METRICS.format(metrics="{'adapter_seen': ADAPTER_PATH}"),
+    )
+    out, adapter = tmp_path / "run", str(tmp_path / "run" / "03_lora_training" / "adapter")
+    run_course("tiny", out, only=["03_lora_training"], notebooks_dir=stand_ins, progress=False)
+    again = ["02_model_and_late_interaction", "04_vidore_eval"]
+    rows = run_course("tiny", out, only=again, notebooks_dir=stand_ins, progress=False)
+    assert [r["metrics"]["adapter_seen"] for r in rows] == ["", adapter]
+    rows = run_course(
+        "tiny", out, {"ADAPTER_PATH": "mine"}, only=again, notebooks_dir=stand_ins, progress=False
+    )
+    assert [r["metrics"]["adapter_seen"] for r in rows] == ["mine", "mine"]  # said by the user: for all
+
+
 def test_a_failing_notebook_stops_the_run_and_keeps_earlier_results(stand_ins, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(
