@@ -7,7 +7,8 @@ with labelled axes, so the notebooks stay short and papermill runs still show th
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Collection, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -68,9 +69,10 @@ def plot_tokens_vs_cap(processor, page_sizes: Sequence[tuple[int, int]], caps: S
 
 
 def plot_score_matrix(scores: torch.Tensor, query_labels: Sequence[str], page_labels: Sequence[str], ax=None):
-    """Heatmap of MaxSim scores (queries x pages), best page per query marked."""
+    """Heatmap of MaxSim scores (queries x pages), best page per query marked; long query labels wrap."""
     scores = torch.as_tensor(scores).float()
-    fig, ax = _axes(ax, figsize=(1.2 + 0.45 * len(page_labels), 1.2 + 0.45 * len(query_labels)))
+    query_labels = [_wrapped(label, 40) for label in query_labels]
+    fig, ax = _axes(ax, figsize=(1.2 + 0.45 * len(page_labels), 1.2 + 0.6 * len(query_labels)))
     image = ax.imshow(scores.numpy(), cmap="viridis", aspect="auto")
     fig.colorbar(image, ax=ax, label="MaxSim score")
     for row, col in enumerate(scores.argmax(dim=1).tolist()):
@@ -202,21 +204,81 @@ def plot_metric_bars(results: dict[str, dict[str, dict[str, float]]], metric: st
     return fig
 
 
+def _wrapped(text: str, width: int) -> str:
+    """Text broken into lines of at most `width` characters, never cut off."""
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
 def show_retrieved(
-    query: str, pages: Sequence[Image.Image], scores: Sequence[float], relevant: Sequence[bool]
+    query: str,
+    pages: Sequence[Image.Image],
+    scores: Sequence[float],
+    relevant: Sequence[bool],
+    labels: Sequence[str] | None = None,
+    columns: int = 5,
 ):
-    """The top pages for one query, with their scores; relevant pages framed in green."""
-    fig, axes = plt.subplots(1, len(pages), figsize=(2.6 * len(pages), 3.4))
-    for rank, (ax, page, score, hit) in enumerate(zip(np.atleast_1d(axes), pages, scores, relevant), 1):
+    """The top pages for one query, in rank order with their scores; relevant pages framed in green.
+
+    Args:
+        query: The query, shown whole (wrapped) above the pages.
+        pages: The pages found, best first.
+        scores: Their MaxSim scores.
+        relevant: Which of them are relevant (framed in green).
+        labels: What to call each page (e.g. `report.pdf p12`); none by default.
+        columns: Pages per row.
+    """
+    rows = -(-len(pages) // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.6 * columns, 3.4 * rows + 0.3), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[len(pages) :]:
+        ax.axis("off")
+    labels = labels or [""] * len(pages)
+    for rank, (ax, page, score, hit, label) in enumerate(zip(axes.flat, pages, scores, relevant, labels), 1):
         ax.imshow(page.convert("RGB"))
         ax.set_xticks([])
         ax.set_yticks([])
         for spine in ax.spines.values():
             spine.set_edgecolor("green" if hit else "lightgray")
             spine.set_linewidth(4 if hit else 1)
-        ax.set_xlabel(f"#{rank}  score {score:.2f}" + ("  (relevant)" if hit else ""), fontsize=8)
-    fig.suptitle(f"Top {len(pages)} for: {query}", fontsize=10)
+        text = f"#{rank}  {label}".rstrip() + f"\nscore {score:.2f}" + ("  (relevant)" if hit else "")
+        ax.set_xlabel(text, fontsize=8)
+    fig.suptitle(_wrapped(f"Top {len(pages)} for: {query}", 20 * columns), fontsize=10)
     return fig
+
+
+def show_hits(
+    hits: Sequence[dict],
+    pages: Sequence[Image.Image],
+    query: str | None = None,
+    columns: int = 5,
+    relevant: Collection[int] = (),
+):
+    """The pages `MultiVectorIndex.search` found for one query, as thumbnails with rank, page and score.
+
+    Args:
+        hits: One query's hits from `search` (each with `index`, `rank`, `score` and the page's metadata).
+        pages: The page images, in the order they were added to the index (`hit["index"]` picks one).
+        query: The query's text, for the title.
+        columns: Thumbnails per row.
+        relevant: Indices of pages known to answer the query, framed in green.
+
+    Returns:
+        The matplotlib figure (`fig.savefig("hits.png")` keeps it).
+    """
+    labels = [
+        " ".join(str(x) for x in (hit.get("pdf"), f"p{hit['page']}" if "page" in hit else None) if x)
+        or f"page {hit['index']}"
+        for hit in hits
+    ]
+    return show_retrieved(
+        query or "the query",
+        [pages[hit["index"]] for hit in hits],
+        [hit["score"] for hit in hits],
+        [hit["index"] in relevant for hit in hits],
+        labels,
+        columns,
+    )
 
 
 def plot_memory_breakdown(estimates: dict[str, object], limit_gib: float | None = None, ax=None):

@@ -151,6 +151,17 @@ def benchmark_rows(results: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def rounded(value, digits: int = 4):
+    """`value` with every float in it (in dicts and lists too) rounded to `digits` decimals, for display."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Rows as a Markdown table; metric values (floats) shown x100 with two decimals."""
     if not rows:

@@ -46,3 +46,12 @@ def test_benchmark_rows_average_each_benchmarks_main_score():
     ]
     assert rows[0]["score"] == pytest.approx(0.3) and rows[1]["score"] == pytest.approx(0.4)
     assert benchmark_rows({"old": _result(0.1, 0.1)}) == []  # results written before protocols had none
+
+
+def test_rounded_rounds_every_float_for_display_and_nothing_else():
+    from colqwen3_lib.results import rounded
+
+    shown = rounded(
+        {"ndcg": 0.8904166666666666, "per_task": {"a": [0.123456, 3]}, "name": "x", "ok": True}, 3
+    )
+    assert shown == {"ndcg": 0.89, "per_task": {"a": [0.123, 3]}, "name": "x", "ok": True}
