@@ -7,6 +7,7 @@ once, by the slow test in test_training.py, not here.
 
 import json
 import math
+import re
 
 import pytest
 
@@ -184,3 +185,81 @@ def test_search_notebook_indexes_the_pdf_reloads_it_and_pools_it(course):
         assert size[factor] == pytest.approx(size["1"] / int(factor), rel=0.1)  # the index shrinks with it
         assert metrics["search_ms"][factor] > 0
     assert all(0.0 <= ndcg <= 1.0 for ndcg in metrics["ndcg_at_5"].values())
+
+
+# What markdown may state that a run can contradict: a score (NDCG, accuracy), a time, a count of pages, queries or
+# steps. Such a number must be in the notebook's own outputs, or its sentence must name the date it was measured
+# on (a figure from another run, machine and day). Code spans are settings, not claims.
+CLAIMS = re.compile(
+    r"(?:NDCG@\d+|accuracy)[^.\d]{0,20}?(\d+\.\d+)"
+    r"|(\d+(?:\.\d+)?)\s?(?:ms|s|min|seconds|minutes|hours)\b"
+    r"|(\d+(?:,\d{3})*)\s(?:[a-z-]+\s)?(?:pages|queries|steps)\b"
+)
+DATED = re.compile(r"\b20\d\d-\d\d-\d\d\b")
+
+
+def unsupported_numbers(path) -> list[str]:
+    """The numbers a notebook's markdown states that neither its outputs show nor a date vouches for."""
+    import nbformat
+
+    shown = "\n".join(text for _, _, text in _outputs(path))
+    found = []
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type != "markdown":
+            continue
+        for sentence in re.split(r"(?<=[.;:])\s", re.sub(r"`[^`]*`", "", cell.source)):
+            if DATED.search(sentence):
+                continue
+            for match in CLAIMS.finditer(sentence):
+                number = next(group for group in match.groups() if group)
+                if not re.search(rf"(?<![\d.]){re.escape(number)}(?![\d]|\.\d)", shown):
+                    found.append(f"{number!r} in: {' '.join(sentence.split())[:160]}")
+    return found
+
+
+def test_the_number_check_catches_prose_that_its_outputs_contradict(tmp_path):
+    import nbformat
+
+    def notebook(markdown, output):
+        nb = nbformat.v4.new_notebook()
+        cell = nbformat.v4.new_code_cell("metrics")
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=output)]
+        nb.cells = [nbformat.v4.new_markdown_cell(markdown), cell]
+        path = tmp_path / "notebook.ipynb"
+        nbformat.write(nb, path)
+        return path
+
+    stated = "Pool factor 3 keeps NDCG@5 0.918 and searches in 0.05 ms over 64 synthetic pages."
+    assert len(unsupported_numbers(notebook(stated, "NDCG@5 0.893 | 0.22 ms per query | 64 pages"))) == 2
+    assert unsupported_numbers(notebook(stated, "0.918 in 0.05 ms/query; 64 pages")) == []
+    dated = "On an H200 (2026-12-04) a step took 4.03 s."
+    assert unsupported_numbers(notebook(dated, "")) == []
+    assert unsupported_numbers(notebook("Set `MAX_STEPS` to 300 steps.", "")) == [
+        "'300' in: Set to 300 steps."
+    ]
+    assert unsupported_numbers(notebook("Set it with `--max-steps 300`.", "")) == []
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_markdown_states_a_number_its_outputs_contradict(course, name):
+    out, _ = course
+    assert unsupported_numbers(out / f"{name}.ipynb") == []
+
+
+def test_without_an_adapter_evaluation_and_search_say_so_and_keep_the_page_size_training_uses(tmp_path):
+    """04 and 06 with no adapter from 03: a message in bold that says to run 03 first, and pages at the size 03
+    trains at (the tiny run's cap), not silently at the processor's default."""
+    from colqwen3_lib.config import TINY_DEFAULTS
+
+    out = tmp_path / "run"
+    only = ["04_vidore_eval", "06_search_your_documents"]
+    rows = run_course("tiny", out, {"ADAPTER_PATH": ""}, only=only, progress=False)
+    for row in rows:
+        assert row["metrics"]["trained"] is False
+        assert row["metrics"]["max_visual_tokens"] == TINY_DEFAULTS["max_visual_tokens"]
+        said = [
+            text
+            for _, kind, text in _outputs(out / f"{row['notebook']}.ipynb")
+            if "No trained adapter" in text
+        ]
+        assert len(said) == 1 and said[0].startswith("> **No trained adapter at ``: run notebook 03 first.**")

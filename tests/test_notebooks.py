@@ -1,6 +1,7 @@
 """The committed notebooks: valid, stripped, one parameters cell, the house anatomy."""
 
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -36,7 +37,12 @@ def test_notebook_follows_the_course_anatomy(path):
         name, rest = line.split(":", 1)
         assert name.isupper() and "=" in rest and "#" in rest, f"flat, typed, commented parameter: {line!r}"
     assert "OUTPUT_DIR" in params.source
-    assert "metrics.json" in nb.cells[-1].source
+    # The last section: two or three exercises, each answered by a cell the learner runs; before it, the cell
+    # that writes metrics.json for the course runner.
+    try_this = max(i for i, c in enumerate(nb.cells) if c.source.startswith("## ") and "Try this" in c.source)
+    exercises = re.findall(r"^\d\. ", nb.cells[try_this].source, flags=re.MULTILINE)
+    assert 2 <= len(exercises) <= 3 and all(c.cell_type == "code" for c in nb.cells[try_this + 1 :])
+    assert "metrics.json" in nb.cells[try_this - 1].source
     sections = [
         c.source.split("\n", 1)[0]
         for c in nb.cells
