@@ -115,7 +115,7 @@ TINY_DEFAULTS = dict(
 # in-batch negatives the noise is smaller, and a head that learns 10x faster than the LoRA layers finds
 # the real signal (colour, kind) before the backbone collapses. More, smaller steps: the same time as ce.
 TINY_PAIRWISE_DEFAULTS = dict(
-    tau=0.02,  # normalised scores at tau 0.02: the settings measured to learn here (README, training)
+    tau=0.02,  # normalised scores at tau 0.02: the settings measured to learn here (docs/training.md)
     normalize_scores=True,
     head_in_full=True,  # a LoRA-adapted random head collapses here (loss log 2 from step ~300); a full one learns
     per_device_train_batch_size=8,

@@ -519,7 +519,7 @@ def test_train_config_defaults_are_the_reference_scripts():
     for name, value in REFERENCE_LORA.items():
         assert getattr(lora, name) == value, name
     assert lora.target_modules == REFERENCE_REGEX and not lora.modules_to_save
-    # What the kit does not reproduce (README, "Reference script vs kit"): the script's TrainingArguments
+    # What the kit does not reproduce (docs/training.md, "Reference script vs kit"): the script's TrainingArguments
     # leave seed at 42, dataloader_drop_last off and bf16 off (its model is loaded in bf16); it sets
     # dataloader_num_workers=8 and its LoraConfig task_type="FEATURE_EXTRACTION".
     assert (config.seed, config.dataloader_num_workers, lora.task_type) == (0, 0, None)
