@@ -8,10 +8,13 @@ once, by the slow test in test_training.py, not here.
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
 from colqwen3_lib.course import NOTEBOOKS, run_course
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 
@@ -165,6 +168,31 @@ def test_every_page_reads_offline_in_a_real_browser(course):
             assert not (seen["outside"] or seen["failed"] or seen["errors"]), (path.name, seen)
             assert "Traceback" not in seen["text"] and "Error:" not in seen["text"], path.name
             assert seen["widgets"] == 0, path.name  # widgets became notes: none is left blank
+        browser.close()
+
+
+def test_a_reader_goes_through_the_course_by_its_links_in_a_real_browser(course):
+    """From the landing page into the first notebook, then "next" to the last one, "previous" back one, and
+    "Course index" home: each click lands on the page it names."""
+    from colqwen3_lib.course import notebook_intro
+
+    out, _ = course
+    executable, sync_playwright = _browser()
+    titles = [notebook_intro(NOTEBOOK_DIR / f"{name}.ipynb")[0] for name in NOTEBOOKS]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto((out / "index.html").as_uri())
+        page.click(f"text={titles[0]}")
+        visited = [page.locator("h1").first.inner_text().strip(" ¶")]
+        while page.locator("nav.course-nav a[rel=next]").count():
+            page.locator("nav.course-nav a[rel=next]").first.click()
+            visited.append(page.locator("h1").first.inner_text().strip(" ¶"))
+        assert visited == titles
+        page.locator("nav.course-nav a[rel=prev]").last.click()  # the bar at the bottom
+        assert page.locator("h1").first.inner_text().strip(" ¶") == titles[-2]
+        page.click("text=Course index")
+        assert page.url == (out / "index.html").as_uri()
         browser.close()
 
 
