@@ -16,8 +16,10 @@ from .config import LATEST, NO_EVAL, TINY_DEFAULTS, TINY_PAIRWISE_DEFAULTS, Trai
 from .losses import CollapsedTrainingError, NonFiniteLossError
 from .model import ATTENTION_IMPLEMENTATIONS
 from .oom import TrainingOutOfMemoryError
-from .reference import BASE_MODEL, TRAIN_DATASET
+from .reference import BASE_MODEL, PAIRWISE_TEMPERATURE, TAU, TRAIN_DATASET
 from .training import train
+
+logger = logging.getLogger(__name__)
 
 _REFERENCE = {f.name: f.default for f in TrainConfig.__dataclass_fields__.values()}
 
@@ -63,9 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--tau",
         type=float,
-        help="temperature: scores are divided by it. Unset, the reference's: 0.02 for --loss ce (on scores divided "
-        "by the query's length), 1.0 for --loss pairwise (on raw summed MaxSim scores); given with --loss pairwise, "
-        f"it replaces that 1.0 {_default('tau')}",
+        help="temperature of --loss ce: its scores (divided by the query's length) are divided by it (default: "
+        f"{TAU}). As in the reference script, --loss pairwise does not use it: see --pairwise-tau",
+    )
+    add(
+        "--pairwise-tau",
+        type=float,
+        help=f"temperature of --loss pairwise (default: {PAIRWISE_TEMPERATURE}, the reference script's, on raw "
+        "summed MaxSim scores; tiny with --loss pairwise: "
+        f"{TINY_PAIRWISE_DEFAULTS['tau']} on scores divided by the query's length)",
     )
     add(
         "--trainer",
@@ -199,10 +207,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse the command line into a `TrainConfig`: only the options given override the defaults."""
+    """Parse the command line into a `TrainConfig`: only the options given override the defaults.
+
+    `--tau` is the `ce` loss's temperature and `--pairwise-tau` the `pairwise` loss's, so that the reference
+    README's `--tau 0.02 --loss pairwise` trains what the reference script trains (it ignores `--tau` there);
+    `TrainConfig.tau` holds the temperature of the loss chosen.
+    """
     args = vars(build_parser().parse_args(argv))
     base = args.pop("base_model_path")
     output_dir = args.pop("output_dir")
+    ce_tau, pairwise_tau = args.pop("tau"), args.pop("pairwise_tau")
+    if args.get("loss") == "pairwise":
+        args["tau"] = pairwise_tau
+        if ce_tau is not None:
+            logger.info(
+                "--tau %s is the ce loss's temperature: --loss pairwise does not use it, as in the reference "
+                "script (--pairwise-tau sets its own)",
+                ce_tau,
+            )
+    else:
+        args["tau"] = ce_tau
+        if pairwise_tau is not None:
+            logger.info(
+                "--pairwise-tau %s applies to --loss pairwise only; this run's loss is ce", pairwise_tau
+            )
     return default_config(output_dir, base, **{k: v for k, v in args.items() if v is not None})
 
 

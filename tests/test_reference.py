@@ -428,7 +428,8 @@ def test_ce_is_colbert_loss(colpali, embeddings, offset):
 @pytest.mark.parametrize("offset", [0, 4])
 @pytest.mark.parametrize("tau", [None, 0.02])
 def test_pairwise_is_colbert_pairwise_ce_loss(colpali, embeddings, offset, tau):
-    """The reference's pairwise: raw summed scores at temperature 1; `--tau` replaces that 1."""
+    """The reference's pairwise: raw summed scores at temperature 1; `TrainConfig(tau=...)` (`--pairwise-tau`)
+    replaces that 1."""
     queries, pages, _ = embeddings
     kit = TrainConfig(output_dir="-", loss="pairwise", tau=tau).loss_function()
     peer = _losses(colpali).ColbertPairwiseCELoss(temperature=tau or 1.0, normalize_scores=False)

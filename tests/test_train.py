@@ -54,6 +54,17 @@ def test_the_reference_advanced_command_maps_one_to_one():
         True,
         2e-4,
     )
+    # The script's pairwise loss ignores --tau: ColbertPairwiseCELoss(normalize_scores=False), temperature 1.0.
+    assert (config.tau, config.normalize_scores) == (1.0, False)
+
+
+def test_tau_is_the_ce_temperature_and_pairwise_tau_the_pairwise_one():
+    def tau(argv):
+        return config_from_args(["--output-dir", "out", *argv.split()]).tau
+
+    assert tau("--tau 0.05") == 0.05 and tau("--pairwise-tau 0.5") == 0.02  # ce; --pairwise-tau is not its
+    assert tau("--loss pairwise --pairwise-tau 0.5 --tau 0.05") == 0.5
+    assert tau("--loss pairwise --base-model-path tiny --tau 0.5") == TINY_PAIRWISE_DEFAULTS["tau"]
 
 
 def test_tiny_defaults_apply_only_to_the_tiny_checkpoint_and_yield_to_flags():
