@@ -6,15 +6,17 @@ shared with other work slows them alike; the medians and their ratios to the pla
 
 The cache adds one forward pass without autograd per step. With full fine-tuning (backward about twice a
 forward) that is about 4/3 of a plain step. With LoRA the plain backward is cheaper (frozen weights get no
-gradients, and nothing in the frozen vision tower is back-propagated), so the extra forward, vision tower
-included, weighs more: about 5/3 when the vision tower costs as much as the language model, as in the tiny
-one. With gradient checkpointing the plain backward already recomputes the language model once, so it weighs
-less. Chunks smaller than the batch add per-call overhead, large on the tiny model's default 32-token pages
-(its forward takes milliseconds) and small once pages carry real work (--max-visual-tokens 256).
+gradients, and nothing in the frozen vision tower is back-propagated), so the extra forward weighs more; but the
+frozen vision tower's outputs from the first pass are given back in the re-run instead of computed again, so the
+extra work is one pass of the language model. Under LoRA each chunk size is also timed with the vision tower run
+again, side by side, to show what that saves. With gradient checkpointing the plain backward already recomputes
+the language model once, so the extra pass weighs less. Chunks smaller than the batch add per-call overhead,
+large on the tiny model's default 32-token pages (its forward takes milliseconds) and small once pages carry
+real work (--max-visual-tokens 256).
 
-Measured on a shared 2-core CPU, 1 thread (x: time of a plain step), 16 pages of 256 visual tokens:
-LoRA x1.65 in one chunk, x1.69 in chunks of 4; with checkpointing x1.57, x1.60; full fine-tuning x1.34,
-x1.51. The tiny run's own pages (32 of 32 tokens): LoRA x1.60 in one chunk, x2.15 in chunks of 8.
+Measured on 2026-12-05 on a 2-core x86_64 CPU (fp32 matrix products at 230 GFLOP/s on 2 threads), 1 thread,
+16 pages of 256 visual tokens, median of 9 (x: time of a plain step): LoRA x1.39 in one chunk and x1.36 in
+chunks of 4 (x1.76 and x1.79 with the vision tower run again); with checkpointing x1.27 and x1.28 (x1.53, x1.57).
 
     COLQWEN3_CACHE=/tmp/cq python benchmarks/bench_grad_cache.py [--batch-size 32] [--chunk-sizes 32 8] \
         [--max-visual-tokens 32] [--repeats 15] [--gradient-checkpointing] [--full]
@@ -25,10 +27,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 
-from colqwen3_lib import ColQwen3, ColQwen3Processor
+from colqwen3_lib import ColQwen3, ColQwen3Processor, grad_cache
 from colqwen3_lib.data import ContrastiveCollator, load_pairs
 from colqwen3_lib.grad_cache import grad_cache_step
 from colqwen3_lib.lora import prepare_for_training
@@ -63,8 +66,16 @@ def main() -> None:
     def plain() -> None:
         contrastive_loss(model, batch, loss_fn).backward()
 
-    def cached(chunk_size: int):
-        return lambda: grad_cache_step(model, batch, loss_fn, chunk_size)
+    def cached(chunk_size: int, keep_vision: bool = True):
+        def step():
+            if (
+                keep_vision
+            ):  # under LoRA the re-run takes the frozen vision tower's outputs from the first pass
+                return grad_cache_step(model, batch, loss_fn, chunk_size)
+            with mock.patch.object(grad_cache, "frozen_vision_backbone", lambda model: None):
+                return grad_cache_step(model, batch, loss_fn, chunk_size)
+
+        return step
 
     def timed(forward_backward) -> float:
         start = time.perf_counter()
@@ -73,7 +84,11 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    runs = {"plain step": plain, **{f"gradient cache, chunks of {c}": cached(c) for c in args.chunk_sizes}}
+    runs = {"plain step": plain}
+    for c in args.chunk_sizes:
+        runs[f"gradient cache, chunks of {c}"] = cached(c)
+        if not args.full:  # what keeping the vision tower's outputs saves: the same, running it again
+            runs[f"  chunks of {c}, vision run again"] = cached(c, keep_vision=False)
     for run in runs.values():  # warm-up: allocator, kernels, optimizer states
         timed(run)
     times = {name: [] for name in runs}
@@ -88,7 +103,7 @@ def main() -> None:
         f"checkpointing, {args.threads} thread(s), median of {args.repeats} alternating steps:"
     )
     for name, seconds in medians.items():
-        print(f"  {name:<30} {seconds * 1000:7.1f} ms  x{seconds / medians['plain step']:.2f}")
+        print(f"  {name:<34} {seconds * 1000:7.1f} ms  x{seconds / medians['plain step']:.2f}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,12 @@ through the embeddings, so its gradient splits in two: dL/dθ = Σ_rows dL/de ·
    back-propagate the cached dL/de through it; the parameter gradients add up to dL/dθ.
 
 The result is the gradient of the whole batch's loss, exactly (to float rounding), for one more forward
-pass per step. Peak memory is that of one chunk, plus the embeddings of the whole batch and their
-gradients, plus the loss's similarity block for the whole batch (`memory.estimate_memory` models it).
+pass per step. When the vision tower is frozen (LoRA: it is never a target), its output for each page chunk
+in step 1 is kept and given back in step 3 instead of being computed again: no gradient flows into it, so
+the re-run needs only the language model (with the random state the vision tower left, should it draw any).
+Peak memory is that of one chunk, plus the embeddings of the whole batch and their gradients, the vision
+tower's outputs for every page when it is frozen, and the loss's similarity block for the whole batch
+(`memory.estimate_memory` models it).
 
 Both trainers call `grad_cache_step` (`loop.py`, and `hf_trainer.py`'s `training_step`). Under several
 processes, all but the last re-run chunk run inside DDP's `no_sync`, so gradients are all-reduced once per
@@ -61,6 +65,44 @@ class RandomState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+
+
+def frozen_vision_backbone(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The Qwen3-VL backbone inside `model` (bare, PEFT, DDP or FSDP-wrapped) when its vision tower trains
+    nothing, else None: then the tower's outputs may be kept from the graph-free pass and given back."""
+    for module in model.modules():
+        # Its own method and child module, not those a wrapper (PEFT) forwards to the model inside it.
+        if hasattr(type(module), "get_image_features") and "visual" in module._modules:
+            frozen = not any(p.requires_grad for p in module.visual.parameters())
+            return module if frozen else None
+    return None
+
+
+@contextlib.contextmanager
+def _vision_outputs(backbone: torch.nn.Module | None, kept: list | None, replay: bool = False):
+    """While inside, the backbone's `get_image_features` appends what it computes to `kept` (with the random
+    state after it), or, with `replay`, gives back the first entry of `kept` and restores that state. No
+    backbone or no `kept`: nothing changes."""
+    if backbone is None or kept is None:
+        yield
+        return
+    compute = backbone.get_image_features
+
+    def record(*args, **kwargs):
+        features = compute(*args, **kwargs)
+        kept.append((features, RandomState.capture()))
+        return features
+
+    def give_back(*args, **kwargs):
+        features, state = kept.pop(0)
+        state.restore()  # as if the vision tower had run and drawn what it drew
+        return features
+
+    backbone.get_image_features = give_back if replay else record
+    try:
+        yield
+    finally:
+        del backbone.get_image_features  # the class's method again
 
 
 def split_rows(batch: dict[str, torch.Tensor], chunk_size: int) -> list[dict[str, torch.Tensor]]:
@@ -112,12 +154,15 @@ def embed_in_chunks(
 
 @torch.no_grad()
 def _embed_without_graph(
-    model: torch.nn.Module, chunks: list[dict]
+    model: torch.nn.Module, chunks: list[dict], vision: list | None = None
 ) -> tuple[torch.Tensor, list[RandomState]]:
+    """Embed `chunks` one by one without a graph; `vision` (a list) receives each page chunk's vision outputs."""
+    backbone = frozen_vision_backbone(model) if vision is not None else None
     states, parts = [], []
     for chunk in chunks:
         states.append(RandomState.capture())
-        parts.append(model(**chunk))  # (chunk, tokens, dim)
+        with _vision_outputs(backbone, vision):
+            parts.append(model(**chunk))  # (chunk, tokens, dim)
     return torch.cat(parts), states
 
 
@@ -167,10 +212,13 @@ def grad_cache_step(
     rows = {prefix: chunk_rows(inputs, prefix, chunk_size) for prefix in present}
     chunks = {prefix: split_rows(sub_batch(inputs, prefix), rows[prefix]) for prefix in present}
 
-    # 1. Embed every chunk without a graph, remembering the random state each one started from.
+    # 1. Embed every chunk without a graph, remembering the random state each one started from, and the
+    # frozen vision tower's outputs for the pages.
+    backbone = frozen_vision_backbone(model)
+    vision = {prefix: [] if backbone is not None and prefix != "query_" else None for prefix in present}
     cached, states = {}, {}
     for prefix in present:
-        cached[prefix], states[prefix] = _embed_without_graph(model, chunks[prefix])
+        cached[prefix], states[prefix] = _embed_without_graph(model, chunks[prefix], vision[prefix])
     after_forward = RandomState.capture()
 
     # 2. The loss over the whole batch, back-propagated to the embeddings only (no parameter is in this graph).
@@ -186,15 +234,18 @@ def grad_cache_step(
 
     # 3. Each chunk again, with a graph and the same dropout masks; its cached gradient flows to the parameters.
     jobs = [
-        (chunk, state, grad)
+        (prefix, chunk, state, grad)
         for prefix in RERUN_ORDER
         if prefix in chunks
         for chunk, state, grad in zip(chunks[prefix], states[prefix], cached_grads[prefix])
     ]
-    for i, (chunk, state, grad) in enumerate(jobs):
+    for i, (prefix, chunk, state, grad) in enumerate(jobs):
         last = i == len(jobs) - 1
         state.restore()
-        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+        with (
+            contextlib.nullcontext() if last or no_sync is None else no_sync(),
+            _vision_outputs(backbone, vision[prefix], replay=True),
+        ):
             embeddings = model(**chunk)  # (chunk, tokens, dim)
             # A scalar whose gradient with respect to the embeddings is the cached dL/de of this chunk.
             backward((embeddings * grad).sum())

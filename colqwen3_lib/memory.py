@@ -23,7 +23,8 @@ The batch (float32 pixels) is alive throughout. With several processes the loss 
 against every process's pages (`world_size` x batch), which grows its similarity block.
 
 With the gradient cache (`grad_cache_chunk_size`, `grad_cache.py`) the moments are those of one chunk:
-the loss over the whole batch (its similarity block, with the batch's embeddings and their gradients);
+the loss over the whole batch (its similarity block, with the batch's embeddings and their gradients, and
+under LoRA the frozen vision tower's outputs for every page, kept for the re-run);
 a page chunk's vision forward, end of forward and backward, each with the gradients of the chunks
 before it and the cached embedding gradients alive; the optimizer step. The graph-free first pass
 over the chunks holds less than the re-run of one, and is not counted.
@@ -494,11 +495,17 @@ def estimate_memory(setup: TrainingSetup | None = None, *, config=None, **overri
         # loss runs on them; then one page chunk at a time re-runs with a graph while the parameter gradients
         # of the chunks before it add up. Its first, graph-free pass holds less than the re-run of a chunk.
         cache = b * (seq_q + seq_p) * setup.embedding_dim * a
+        # A frozen vision tower (LoRA) runs once, in the graph-free pass: its outputs for every page (the merged
+        # tokens and the DeepStack features, at the text's width) wait for the re-run, which takes the first
+        # chunk's, so the other chunks' stay alive while it runs.
+        per_page = setup.max_visual_tokens * s.hidden * a * (1 + s.deepstack) if setup.lora else 0
+        kept, waiting = b * per_page, (b - rows) * per_page
+        vision_forward = pixels + cache + kept + vision_saved
         moments = {
-            "loss": (0, pixels + cache + loss + gathered, 2 * loss + cache),
-            "chunk vision forward": (all_gradients, pixels + cache + vision_saved, pixel_copy + vision_ws),
-            "chunk forward": (all_gradients, pixels + cache + text_p + vision_saved, pixel_copy),
-            "chunk backward": (all_gradients, pixels + cache + text_p + vision_saved, text_ws),
+            "loss": (0, pixels + cache + kept + loss + gathered, 2 * loss + cache),
+            "chunk vision forward": (all_gradients, vision_forward, pixel_copy + vision_ws),
+            "chunk forward": (all_gradients, pixels + cache + waiting + text_p + vision_saved, pixel_copy),
+            "chunk backward": (all_gradients, pixels + cache + waiting + text_p + vision_saved, text_ws),
             "optimizer step": (all_gradients, pixels, optimizer_ws),
         }
         if not setup.lora:

@@ -32,7 +32,8 @@ T = TypeVar("T")
 HEADROOM = 0.9  # share of a device's memory an estimate may use (CUDA context, allocator fragmentation)
 # Step time against a plain step with gradient checkpointing at the same batch, measured on an H200 (2B, LoRA,
 # bf16, 768 visual tokens, 2026-12-04; benchmarks/gpu/2026-12-04-run0.jsonl and -run1.md): without checkpointing
-# (batch 16), and with the gradient cache in chunks of 8 (batch 64), with and without checkpointing.
+# (batch 16), and with the gradient cache in chunks of 8 (batch 64), with and without checkpointing. The cache's
+# were measured while its re-run still ran the frozen vision tower again: upper bounds until measured again.
 STEP_TIME_WITHOUT_CHECKPOINTING = 0.72
 STEP_TIME_CACHE = {True: 1.53, False: 1.21}  # gradient checkpointing: relative step time
 FAST_CHUNK = 8  # the smallest chunk measured; smaller chunks leave a GPU idle between kernels

@@ -188,6 +188,26 @@ def test_queries_go_as_many_at_a_time_as_hold_a_page_chunks_tokens(tiny_path):
     assert _largest_difference(cached, whole) < TOLERANCE
 
 
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
+def test_a_frozen_vision_tower_runs_once_per_page_chunk_and_the_gradient_stays_exact(tiny_path, peft):
+    """Under LoRA nothing in the vision tower trains: the re-run takes its outputs from the graph-free pass
+    (one vision forward per page chunk, not two). Under full fine-tuning it trains and runs again."""
+    model = _model(peft, DROPOUT, False)
+    batch, loss_fn = _batch(list(range(8)), hard_negatives=True), ColbertContrastiveLoss("ce")
+    backbone = grad_cache_module.frozen_vision_backbone(model)
+    assert (backbone is not None) == peft
+    visual = next(m for m in model.modules() if hasattr(m, "get_image_features")).visual
+    calls = []
+    hook = visual.register_forward_hook(lambda *_: calls.append(1))
+    _, cached = _step(model, batch, loss_fn, "cache")
+    hook.remove()
+    page_chunks = 2 * 3  # pages and hard negatives, 8 rows each in chunks of 3
+    assert len(calls) == page_chunks * (1 if peft else 2)
+    _, reference = _step(model, batch, loss_fn, "chunks")
+    assert _largest_difference(cached, reference) < TOLERANCE
+    assert "get_image_features" not in vars(backbone or visual)  # the model is left as it was
+
+
 def test_restoring_the_random_state_is_what_makes_dropout_match(tiny_path, monkeypatch):
     model = _model(True, DROPOUT, True)
     batch, loss_fn = _batch(list(range(8))), ColbertContrastiveLoss("ce")
