@@ -205,3 +205,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------------------------------ a real browser
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """(Chromium's path, playwright's `sync_playwright`), to open the course's pages in a real browser."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if path is None:
+        pytest.skip(
+            "no Chromium here: `apt-get install chromium` (.ci/run installs it) to open the HTML in a browser"
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed: `pip install -e .[dev]`")
+    return path, sync_playwright

@@ -116,21 +116,6 @@ def test_the_landing_page_lists_every_notebook_with_its_time(course):
     assert f"{len(NOTEBOOKS)} notebooks" in page and "What ColQwen3 adds to Qwen3-VL" in page
 
 
-def _browser():
-    import shutil
-
-    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if path is None:
-        pytest.skip(
-            "no Chromium here: `apt-get install chromium` (.ci/run installs it) to open the HTML in a browser"
-        )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed: `pip install -e .[dev]`")
-    return path, sync_playwright
-
-
 def _open_offline(browser, path) -> dict:
     """Open a page from disk with every request off the machine blocked; what it asked for and what went wrong."""
     seen = {"outside": [], "failed": [], "errors": []}
@@ -155,11 +140,11 @@ def _open_offline(browser, path) -> dict:
     return seen
 
 
-def test_every_page_reads_offline_in_a_real_browser(course):
+def test_every_page_reads_offline_in_a_real_browser(course, chromium):
     """Opened from disk in headless Chromium with every request off the machine blocked: nothing is asked
     for, nothing fails, no script error, no widget left blank, no error text on the page."""
     out, _ = course
-    executable, sync_playwright = _browser()
+    executable, sync_playwright = chromium
     pages = [out / "index.html", *(out / "html" / f"{name}.html" for name in NOTEBOOKS)]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
@@ -171,13 +156,13 @@ def test_every_page_reads_offline_in_a_real_browser(course):
         browser.close()
 
 
-def test_a_reader_goes_through_the_course_by_its_links_in_a_real_browser(course):
+def test_a_reader_goes_through_the_course_by_its_links_in_a_real_browser(course, chromium):
     """From the landing page into the first notebook, then "next" to the last one, "previous" back one, and
     "Course index" home: each click lands on the page it names."""
     from colqwen3_lib.course import notebook_intro
 
     out, _ = course
-    executable, sync_playwright = _browser()
+    executable, sync_playwright = chromium
     titles = [notebook_intro(NOTEBOOK_DIR / f"{name}.ipynb")[0] for name in NOTEBOOKS]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])

@@ -134,28 +134,13 @@ def test_a_page_whose_source_is_gone_is_linked_by_its_name(sources, tmp_path):
     ).bars[0]
 
 
-def _browser():
-    import shutil
-
-    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if path is None:
-        pytest.skip(
-            "no Chromium here: `apt-get install chromium` (.ci/run installs it) to open the HTML in a browser"
-        )
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed: `pip install -e .[dev]`")
-    return path, sync_playwright
-
-
-def test_a_reader_follows_the_links_in_a_real_browser(sources, tmp_path):
+def test_a_reader_follows_the_links_in_a_real_browser(sources, tmp_path, chromium):
     """In headless Chromium, from disk, with every request off the machine blocked: from the landing page into
     the first notebook, `next` to the last, `previous` back to the first, then `Course index` home; each click
     lands on the page it names, and nothing is asked of the network."""
     out = tmp_path / "run"
     _run(out, sources, NAMES)
-    executable, sync_playwright = _browser()
+    executable, sync_playwright = chromium
     outside, errors = [], []
 
     def route(route):
