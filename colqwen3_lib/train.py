@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 from .config import LATEST, NO_EVAL, TINY_DEFAULTS, TINY_PAIRWISE_DEFAULTS, TrainConfig, default_config
@@ -217,6 +218,8 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     base = args.pop("base_model_path")
     output_dir = args.pop("output_dir")
     ce_tau, pairwise_tau = args.pop("tau"), args.pop("pairwise_tau")
+    if pairwise_tau is not None and not (math.isfinite(pairwise_tau) and pairwise_tau > 0):
+        raise ValueError(f"--pairwise-tau must be a finite number above 0, got {pairwise_tau}")
     if args.get("loss") == "pairwise":
         args["tau"] = pairwise_tau
         if ce_tau is not None:

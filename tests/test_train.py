@@ -65,6 +65,11 @@ def test_tau_is_the_ce_temperature_and_pairwise_tau_the_pairwise_one():
     assert tau("--tau 0.05") == 0.05 and tau("--pairwise-tau 0.5") == 0.02  # ce; --pairwise-tau is not its
     assert tau("--loss pairwise --pairwise-tau 0.5 --tau 0.05") == 0.5
     assert tau("--loss pairwise --base-model-path tiny --tau 0.5") == TINY_PAIRWISE_DEFAULTS["tau"]
+    for bad in ("0", "inf", "-1"):
+        with pytest.raises(
+            ValueError, match=f"--pairwise-tau must be a finite number above 0, got {float(bad)}"
+        ):
+            tau(f"--loss pairwise --pairwise-tau {bad}")
 
 
 def test_tiny_defaults_apply_only_to_the_tiny_checkpoint_and_yield_to_flags():
