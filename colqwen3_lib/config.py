@@ -16,6 +16,7 @@ from .architectures import TINY
 from .losses import LOSSES, ColbertContrastiveLoss
 from .memory import TrainingSetup
 from .model import ATTENTION_IMPLEMENTATIONS, resolve_attn_implementation, use_bf16
+from .processor import ColQwen3Processor
 from .reference import (
     BASE_MODEL,
     BATCH_SIZE,
@@ -259,6 +260,15 @@ def default_config(
         if overrides.get("loss") == "pairwise":
             preset.update(TINY_PAIRWISE_DEFAULTS)
     return TrainConfig(output_dir=str(output_dir), base_model_path=base_model_path, **{**preset, **overrides})
+
+
+def trained_page_size(base_model_path: str, adapter: str | os.PathLike | None = None) -> int:
+    """The visual-token cap to embed pages at with a trained model: the adapter's (its saved processor keeps it),
+    else the one training uses for this base (the tiny run's, or the reference's), so that pages are not embedded
+    at another size than the model learnt."""
+    if adapter is not None:
+        return ColQwen3Processor.from_pretrained(adapter).max_num_visual_tokens
+    return default_config("-", base_model_path).max_visual_tokens
 
 
 def world_size() -> int:

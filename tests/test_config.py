@@ -57,3 +57,13 @@ def test_memory_setup_describes_the_run(tmp_path, monkeypatch):
     assert eight.attn_implementation == "sdpa"
     assert default_config(tmp_path, "tiny").memory_setup().model_size == "tiny"
     assert default_config(tmp_path, "/models/another-checkpoint").memory_setup().model_size is None
+
+
+def test_pages_are_embedded_at_the_size_training_used(tmp_path):
+    from colqwen3_lib import ColQwen3Processor
+    from colqwen3_lib.config import trained_page_size
+
+    assert trained_page_size("tiny") == 32  # the tiny run's
+    assert trained_page_size("Qwen/Qwen3-VL-2B-Instruct") == 768  # the reference README's
+    ColQwen3Processor.from_pretrained("tiny", max_num_visual_tokens=48).save_pretrained(tmp_path / "adapter")
+    assert trained_page_size("tiny", tmp_path / "adapter") == 48  # the adapter's own, saved with it
