@@ -266,19 +266,22 @@ def show_hits(
     Returns:
         The matplotlib figure (`fig.savefig("hits.png")` keeps it).
     """
-    labels = [
-        " ".join(str(x) for x in (hit.get("pdf"), f"p{hit['page']}" if "page" in hit else None) if x)
-        or f"page {hit['index']}"
-        for hit in hits
-    ]
     return show_retrieved(
         query or "the query",
         [pages[hit["index"]] for hit in hits],
         [hit["score"] for hit in hits],
         [hit["index"] in relevant for hit in hits],
-        labels,
+        [_page_label(hit) for hit in hits],
         columns,
     )
+
+
+def _page_label(hit: dict) -> str:
+    """`report.pdf p12` from a hit's metadata (what of it there is), else its position in the index."""
+    parts = [str(hit["pdf"])] if hit.get("pdf") else []
+    if "page" in hit:
+        parts.append(f"p{hit['page']}")
+    return " ".join(parts) or f"page {hit['index']}"
 
 
 def plot_memory_breakdown(estimates: dict[str, object], limit_gib: float | None = None, ax=None):
