@@ -154,10 +154,13 @@ def embed_in_chunks(
 
 @torch.no_grad()
 def _embed_without_graph(
-    model: torch.nn.Module, chunks: list[dict], vision: list | None = None
+    model: torch.nn.Module,
+    chunks: list[dict],
+    backbone: torch.nn.Module | None = None,
+    vision: list | None = None,
 ) -> tuple[torch.Tensor, list[RandomState]]:
-    """Embed `chunks` one by one without a graph; `vision` (a list) receives each page chunk's vision outputs."""
-    backbone = frozen_vision_backbone(model) if vision is not None else None
+    """Embed `chunks` one by one without a graph; with a `backbone` (`frozen_vision_backbone`), `vision` (a list)
+    receives each page chunk's vision outputs."""
     states, parts = [], []
     for chunk in chunks:
         states.append(RandomState.capture())
@@ -218,7 +221,7 @@ def grad_cache_step(
     vision = {prefix: [] if backbone is not None and prefix != "query_" else None for prefix in present}
     cached, states = {}, {}
     for prefix in present:
-        cached[prefix], states[prefix] = _embed_without_graph(model, chunks[prefix], vision[prefix])
+        cached[prefix], states[prefix] = _embed_without_graph(model, chunks[prefix], backbone, vision[prefix])
     after_forward = RandomState.capture()
 
     # 2. The loss over the whole batch, back-propagated to the embeddings only (no parameter is in this graph).
